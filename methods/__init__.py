@@ -1,0 +1,1 @@
+"""Built-in method plugins; importing this package registers them (zsadbench.methods)."""

@@ -1,0 +1,60 @@
+"""Checkpoint files: plain torch pickles of tensors and small metadata, readable with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the method (names the keys)."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Returns the dict stored in a checkpoint file (never executes pickled code)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def write_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Writes ``state`` atomically (temporary file then rename), so an interruption never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def check_keys(state: dict[str, Any], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Raises CheckpointError naming missing, unexpected and mis-shaped keys of ``state`` against ``expected``."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in sorted(set(expected) & set(state))
+              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k])]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        if shapes:
+            parts.append(f"wrong shapes: {'; '.join(shapes)}")
+        raise CheckpointError(f"{what} does not fit: " + "; ".join(parts))

@@ -1,0 +1,140 @@
+"""Typed method configurations: ``--set key=value`` overrides and flat records for tracking."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """An override names an unknown key or a value that does not fit the field's type."""
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, str]:
+    """Returns ``{"a.b": "value"}`` from ``["a.b=value", ...]`` (the CLI's repeated ``--set``)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Returns ``value`` converted to the annotated type ``hint`` (strings come from the command line)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        choices = get_args(hint)
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith(("[", "(")):
+                value = json.loads(text.replace("(", "[").replace(")", "]"))
+            else:
+                value = [v for v in text.split(",") if v.strip()]
+        args = get_args(hint)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(args, value))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if hint in (int, float, str):
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Returns a copy of the dataclass ``config`` with dotted-key overrides applied and type-checked."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        (nested.setdefault(head, {}).__setitem__(rest, value) if rest else direct.__setitem__(head, value))
+    hints = get_type_hints(type(config))
+    names = {f.name for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    for name in set(direct) | set(nested):
+        if name not in names:
+            raise ConfigError(
+                f"{type(config).__name__} has no option {name!r}; options: {', '.join(sorted(names))}"
+            )
+    for name, value in direct.items():
+        changes[name] = _coerce(value, hints[name], name)
+    for name, sub in nested.items():
+        current = changes.get(name, getattr(config, name))
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{name} is not a group of options; use --set {name}=VALUE")
+        changes[name] = apply_overrides(current, {f"{k}": v for k, v in sub.items()})
+    return dataclasses.replace(config, **changes)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Returns ``{"a.b": value}`` for every leaf field of a (nested) dataclass config."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Returns the config as nested plain dicts (JSON-serialisable)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Returns an instance of dataclass ``cls`` from nested dicts (inverse of :func:`to_dict`)."""
+    flat = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(data, "")
+    return apply_overrides(cls(), flat)
+

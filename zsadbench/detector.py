@@ -1,0 +1,173 @@
+"""The detector interface every method plugin implements.
+
+A method is a :class:`Detector` subclass with a typed ``Config`` dataclass whose defaults are the paper/reference
+settings. Four capabilities, declared by the base classes a method inherits:
+
+- inductive (:class:`Detector`): ``predict(images, category)`` scores a batch on its own;
+- transductive (:class:`TransductiveDetector`): ``predict_set(images, category)`` receives a whole category (or a
+  division of it) at once, e.g. MuSc's mutual scoring;
+- trainable (:class:`Trainable`): ``fit`` on auxiliary data, ``state_dict`` / ``load_state_dict`` for checkpoints;
+- few-shot (:class:`FewShot`): ``set_reference`` receives k normal reference images of the category.
+
+``predict`` takes a float batch already preprocessed by the method's own :meth:`Detector.transform` and returns image
+scores and anomaly maps at the method's input resolution. The evaluator never special-cases a method.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from zsadbench.config import apply_overrides, flatten
+from zsadbench.types import Dataset, Prediction, Sample
+
+
+class Detector(abc.ABC):
+    """Base class of all methods: configuration, preprocessing and inductive prediction."""
+
+    name: ClassVar[str] = ""  # registry name, set by @register_method
+    label: ClassVar[str] = ""  # display name in tables and reports; defaults to the class name
+    Config: ClassVar[type]  # the method's config dataclass
+    transductive: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
+        base = config if config is not None else self.Config()
+        self.config = apply_overrides(base, overrides) if overrides else base
+        self.seed = seed
+        self.device = torch.device("cpu")
+
+    @property
+    @abc.abstractmethod
+    def input_size(self) -> tuple[int, int]:
+        """Returns (height, width) of the preprocessed images and of the returned anomaly maps."""
+
+    @abc.abstractmethod
+    def transform(self, image: Image.Image) -> Tensor:
+        """Returns the preprocessed (3, H, W) float tensor for one RGB PIL image."""
+
+    @abc.abstractmethod
+    def predict(self, images: Tensor, category: str) -> Prediction:
+        """Returns image scores (B,) and anomaly maps (B, H, W) for a preprocessed batch."""
+
+    def to(self, device: str | torch.device) -> Detector:
+        """Moves the detector's modules to ``device`` and returns it; subclasses move their modules."""
+        self.device = torch.device(device)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """Returns what tracking records about this detector besides its config (weights tag or file hash, ...)."""
+        return {}
+
+    def resolved_config(self) -> dict[str, Any]:
+        """Returns the full flattened config, ``{"a.b": value}``."""
+        return flatten(self.config)
+
+    @classmethod
+    def display_name(cls) -> str:
+        """Returns the label shown in tables (``label`` or the class name)."""
+        return cls.label or cls.__name__
+
+
+class ImageSet:
+    """The preprocessed images of one category (or a division of it), read from disk lazily in batches.
+
+    Transductive methods receive one; ``samples`` gives each image's metadata (MuSc stratifies its divisions by
+    defect type). Build one from tensors with :meth:`from_tensor` when calling a method directly.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Any, batch_size: int = 8, num_workers: int = 0,
+                 tensor: Tensor | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._tensor = tensor
+
+    @classmethod
+    def from_tensor(cls, images: Tensor, batch_size: int = 8) -> ImageSet:
+        """Returns an image set over an already preprocessed (N, 3, H, W) tensor (samples are placeholders)."""
+        samples = [Sample(Path(f"<tensor:{i}>"), "tensor", 0, None, "unknown", "tensor") for i in range(len(images))]
+        return cls(samples, None, batch_size, tensor=images)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, indices: Sequence[int] | None = None) -> Iterator[Tensor]:
+        """Yields preprocessed batches of the images at ``indices`` (all, in order, by default)."""
+        order = list(range(len(self))) if indices is None else list(indices)
+        if self._tensor is not None:
+            for start in range(0, len(order), self.batch_size):
+                yield self._tensor[order[start:start + self.batch_size]]
+            return
+        from zsadbench.data import load_images
+
+        for start in range(0, len(order), self.batch_size):
+            chunk = [self.samples[i] for i in order[start:start + self.batch_size]]
+            yield load_images(chunk, self.transform, self.num_workers)
+
+
+class TransductiveDetector(Detector):
+    """A method that scores a set of unlabeled images jointly (the whole category, or one division of it)."""
+
+    transductive: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def predict_set(self, images: ImageSet, category: str) -> Prediction:
+        """Returns image scores (N,) and anomaly maps (N, H, W) for every image of the set, in set order."""
+
+    def predict(self, images: Tensor, category: str) -> Prediction:
+        """Scores one tensor batch as a set of its own (the batch is the whole unlabeled set)."""
+        return self.predict_set(ImageSet.from_tensor(images, batch_size=max(1, len(images))), category)
+
+
+class Trainable(abc.ABC):
+    """A method with learnable parts trained on auxiliary data, saved and restored as checkpoints."""
+
+    @abc.abstractmethod
+    def fit(self, train_data: Dataset, **options: Any) -> None:
+        """Trains the learnable parts on ``train_data`` (the auxiliary dataset's samples)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the learnable state (what a checkpoint holds), never the frozen backbone."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the learnable state; raises a clear error naming missing or unexpected keys."""
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Loads a checkpoint file written by zsadbench (methods extend this to the authors' released layouts)."""
+        from zsadbench.checkpoints import read_checkpoint
+
+        self.load_state_dict(read_checkpoint(path))
+
+
+class FewShot(abc.ABC):
+    """A method that can use k normal reference images per category (``shots`` > 0 in its config)."""
+
+    @property
+    def shots(self) -> int:
+        """Returns k, the number of normal reference images per category (0 = zero-shot)."""
+        return int(getattr(self.config, "shots", 0))  # type: ignore[attr-defined]
+
+    @abc.abstractmethod
+    def set_reference(self, images: Tensor, category: str) -> None:
+        """Stores the k preprocessed normal reference images of ``category`` for the following predictions."""
+
+    def reference_indices(self, num_available: int, category: str) -> list[int]:
+        """Returns the indices of the reference images among the category's normal training images.
+
+        Default protocol (AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices with
+        replacement, so duplicates are possible and the draw is reproducible per category.
+        """
+        if num_available == 0:
+            raise ValueError(f"category {category!r} has no normal training images to draw {self.shots} shots from")
+        seed = int(getattr(self.config, "reference_seed", 10))  # type: ignore[attr-defined]
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(num_available, (self.shots,), generator=generator).tolist()

@@ -1,0 +1,140 @@
+"""Registries of methods and datasets, filled by decorators and by third-party entry points.
+
+Built-in plugins register with one decorator next to their definition (``@register_method("winclip")``,
+``@register_dataset("mvtec", ...)``). A third-party package adds an entry point in the group ``zsadbench.methods``
+or ``zsadbench.datasets`` whose object is a :class:`~zsadbench.detector.Detector` subclass or a dataset loader
+(a callable ``(root, **options) -> Dataset``, optionally already wrapped by :func:`register_dataset`):
+
+    [project.entry-points."zsadbench.methods"]
+    mymethod = "my_package.detector:MyDetector"
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from zsadbench.types import Dataset
+
+log = logging.getLogger(__name__)
+
+METHOD_GROUP = "zsadbench.methods"
+DATASET_GROUP = "zsadbench.datasets"
+
+_methods: dict[str, type] = {}
+_datasets: dict[str, DatasetInfo] = {}
+_discovered = False
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A registered dataset: its loader and what users need to know to point it at their copy."""
+
+    name: str
+    loader: Callable[..., Dataset]
+    domain: str = "industrial"
+    description: str = ""
+    layout: str = ""  # the expected folder layout, quoted in errors about a wrong data root
+    needs_root: bool = True
+
+    def load(self, root: str | Path | None, **options: Any) -> Dataset:
+        """Returns the dataset read from ``root``."""
+        if self.needs_root and root is None:
+            raise ValueError(f"dataset {self.name!r} needs --data-root pointing at its folder; expected layout:\n"
+                             f"{self.layout}")
+        return self.loader(None if root is None else Path(root).expanduser(), **options)
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Returns a class decorator that registers a Detector subclass under ``name``."""
+
+    def wrap(cls: type) -> type:
+        if name in _methods and _methods[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_methods[name].__module__}")
+        cls.name = name
+        _methods[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_dataset(name: str, *, domain: str = "industrial", description: str = "", layout: str = "",
+                     needs_root: bool = True) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Returns a decorator that registers a loader ``(root, **options) -> Dataset`` under ``name``."""
+
+    def wrap(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        info = DatasetInfo(name, loader, domain, description or (loader.__doc__ or "").strip().splitlines()[0],
+                           layout, needs_root)
+        if name in _datasets and _datasets[name].loader is not loader:
+            raise ValueError(f"dataset {name!r} is already registered by {_datasets[name].loader.__module__}")
+        _datasets[name] = info
+        loader.dataset_info = info  # type: ignore[attr-defined]
+        return loader
+
+    return wrap
+
+
+def _discover() -> None:
+    """Imports the built-in plugins and loads third-party entry points (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    importlib.import_module("zsadbench.methods")
+    importlib.import_module("zsadbench.datasets")
+    for ep in entry_points(group=METHOD_GROUP):
+        if ep.name in _methods:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must not take the built-ins down with it
+            log.warning("could not load method plugin %r (%s): %s", ep.name, ep.value, exc)
+            continue
+        register_method(ep.name)(obj)
+    for ep in entry_points(group=DATASET_GROUP):
+        if ep.name in _datasets:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            log.warning("could not load dataset plugin %r (%s): %s", ep.name, ep.value, exc)
+            continue
+        info = getattr(obj, "dataset_info", None)
+        if info is not None and info.name != ep.name:
+            info = DatasetInfo(ep.name, info.loader, info.domain, info.description, info.layout, info.needs_root)
+        _datasets[ep.name] = info or DatasetInfo(ep.name, obj, description=(obj.__doc__ or "").strip())
+
+
+def get_method(name: str) -> type:
+    """Returns the Detector class registered as ``name``."""
+    _discover()
+    try:
+        return _methods[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(_methods)) or 'none'}") from None
+
+
+def get_dataset(name: str) -> DatasetInfo:
+    """Returns the registration of dataset ``name``."""
+    _discover()
+    try:
+        return _datasets[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(sorted(_datasets)) or 'none'}") from None
+
+
+def list_methods() -> dict[str, type]:
+    """Returns every registered method, by name."""
+    _discover()
+    return dict(sorted(_methods.items()))
+
+
+def list_datasets() -> dict[str, DatasetInfo]:
+    """Returns every registered dataset, by name."""
+    _discover()
+    return dict(sorted(_datasets.items()))
