@@ -137,3 +137,53 @@ def collate(batch: list[tuple[Tensor, np.ndarray | None, int]]) -> tuple[Tensor,
     """Stacks images; keeps masks as a list (native-resolution masks differ in size)."""
     images, masks, indices = zip(*batch)
     return torch.stack(images), list(masks), list(indices)
+
+
+class DatasetLayoutError(DataError):
+    """A data root does not have the layout its loader expects; the message shows the expected layout."""
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Returns the image files directly inside ``folder``, sorted by name (extensions matched case-insensitively)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_files(samples: Sequence[Sample], skip_bad: bool = False) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """Returns (usable samples, [(bad sample, reason)]) after checking every image and mask header.
+
+    Headers only: existence, readability and mask size == image size, so a broken file stops a run before hours of
+    compute rather than in the middle. Without ``skip_bad`` the first problem raises :class:`DataError`.
+    """
+    good: list[Sample] = []
+    bad: list[tuple[Sample, str]] = []
+    for sample in samples:
+        try:
+            height, width = image_size(sample.image_path)
+            if sample.mask_path is not None:
+                masks = [Path(sample.mask_path)]
+                if masks[0].is_dir():
+                    masks = [p for p in masks[0].iterdir() if p.suffix.lower() in MASK_EXTENSIONS]
+                    if not masks:
+                        raise DataError(f"mask directory {sample.mask_path} (for {sample.image_path}) holds no masks")
+                for mask in masks:
+                    mh, mw = _mask_header_size(mask)
+                    if (mh, mw) != (height, width):
+                        raise DataError(f"mask {mask} is {mw}x{mh} (WxH) but its image {sample.image_path} is "
+                                        f"{width}x{height}")
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            bad.append((sample, str(exc)))
+            continue
+        good.append(sample)
+    return good, bad
+
+
+def _mask_header_size(path: Path) -> tuple[int, int]:
+    try:
+        return image_size(path)
+    except DataError as exc:
+        raise DataError(str(exc).replace("image", "mask", 1)) from None

@@ -109,9 +109,12 @@ def mad(metrics: dict[str, float], recipe: str) -> float:
 class CategoryMetrics:
     """Accumulates one category's predictions batch by batch and computes its metrics once."""
 
-    def __init__(self, pixel: bool = True, fpr_limit: float = 0.3) -> None:
+    def __init__(self, pixel: bool = True, aupro: str = "exact", fpr_limit: float = 0.3) -> None:
+        if aupro != "exact":
+            raise NotImplementedError(f"AUPRO variant {aupro!r} is not available in the interim engine")
         self.pixel = pixel
         self.fpr_limit = fpr_limit
+        self.tags = dict(IMPLEMENTATION_TAGS)
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._maps: list[np.ndarray] = []

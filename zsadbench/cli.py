@@ -1,0 +1,164 @@
+"""The ``zsadbench`` command line: a thin layer over the Python API (each subcommand calls one function)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from zsadbench.config import ConfigError, parse_assignments
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_common_method_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the options every command that builds a method shares (--set, --pretrained, --device, --seed, ...)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a method config field (dotted keys for groups), repeatable")
+    parser.add_argument("--pretrained", help="weights: an open_clip tag, a local state-dict file, or 'random'")
+    parser.add_argument("--checkpoint", help="a trained checkpoint of the method (zsadbench's or the authors')")
+    parser.add_argument("--shots", type=int, help="few-shot: k normal reference images per category")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def method_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Returns the config overrides from --set plus the --pretrained/--checkpoint/--shots shortcuts."""
+    overrides = parse_assignments(args.set)
+    for name in ("pretrained", "checkpoint", "shots"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = str(value)
+    return overrides
+
+
+def _add_run(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("run", help="evaluate a method on a dataset and record an MLflow run",
+                       description="Evaluate a method on a dataset; prints a per-category table, writes "
+                                   "results/runs/<run-id>/ and records one MLflow run.")
+    p.add_argument("--method", help="registered method name (see `zsadbench methods`)")
+    p.add_argument("--dataset", help="registered dataset name (see `zsadbench datasets`)")
+    p.add_argument("--data-root", help="the dataset's folder (not needed for `synthetic`)")
+    p.add_argument("--categories", type=_csv_list, help="comma-separated subset of categories")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a loader option, e.g. image_size=64 for the synthetic benchmark; repeatable")
+    add_common_method_options(p)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    p.add_argument("--eval-resolution", choices=("input", "native"), default="input",
+                   help="compare maps and masks at the method's input size (papers) or each image's native size")
+    p.add_argument("--aupro", choices=("exact", "step200"), default="exact",
+                   help="AUPRO implementation; step200 is the AnomalyCLIP/MuSc variant, for paper comparison")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable or inconsistent files (counted, logged and recorded) instead of stopping")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)")
+    p.add_argument("--experiment", default="zsadbench", help="MLflow experiment name (default: zsadbench)")
+    p.add_argument("--run-name", help="MLflow run name (default: <method>-<dataset>)")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON to FILE")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume an interrupted run (its original options are used)")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.evaluation import EvalOptions
+        from zsadbench.runner import RunSpec, format_table, run
+
+        if args.resume is None and (not args.method or not args.dataset):
+            raise SystemExit("zsadbench run: --method and --dataset are required (or --resume RUN_ID)")
+        spec = None
+        if args.resume is None:
+            spec = RunSpec(
+                method=args.method, dataset=args.dataset, data_root=args.data_root, categories=args.categories,
+                overrides=method_overrides(args), dataset_options=parse_assignments(args.dataset_option),
+                seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name,
+                eval=EvalOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                                 resolution=args.eval_resolution, aupro=args.aupro, skip_bad=args.skip_bad))
+        run_id, result = run(spec, resume=args.resume, tracking_uri=args.tracking_uri, json_path=args.json_path)
+        print(format_table(result))
+        from zsadbench.paths import results_dir
+
+        print(f"\nrun {run_id}: results in {results_dir() / 'runs' / run_id}")
+        return 0
+
+    return handle
+
+
+def _add_methods(sub: argparse._SubParsersAction) -> Handler:
+    sub.add_parser("methods", help="list registered methods")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.registry import list_methods
+
+        for name, cls in list_methods().items():
+            kinds = [k for k, flag in (("transductive", cls.transductive),
+                                       ("trainable", _is(cls, "Trainable")), ("few-shot", _is(cls, "FewShot"))) if flag]
+            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{name:14s} {cls.display_name():28s} {', '.join(kinds) or 'inductive':28s} {summary}")
+        return 0
+
+    return handle
+
+
+def _is(cls: type, base: str) -> bool:
+    import zsadbench.detector as detector
+
+    return issubclass(cls, getattr(detector, base))
+
+
+def _add_datasets(sub: argparse._SubParsersAction) -> Handler:
+    sub.add_parser("datasets", help="list registered datasets")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.registry import list_datasets
+
+        for name, info in list_datasets().items():
+            print(f"{name:11s} {info.domain:11s} {info.description}")
+        return 0
+
+    return handle
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_run, _add_methods, _add_datasets]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    """Returns the argument parser and the handler of each subcommand."""
+    parser = argparse.ArgumentParser(prog="zsadbench", description="Benchmark harness for zero-shot anomaly detection")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Handler] = {}
+    for add in COMMANDS:
+        before = set(sub.choices)
+        handler = add(sub)
+        for name in set(sub.choices) - before:
+            handlers[name] = handler
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zsadbench`` console script; returns the exit status."""
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from zsadbench.checkpoints import CheckpointError
+    from zsadbench.data import DataError
+
+    try:
+        return handlers[args.command](args)
+    except (DataError, ConfigError, CheckpointError, KeyError, ValueError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"zsadbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
