@@ -28,6 +28,7 @@ class ColourDistance(Detector, FewShot):
     Config = ColourConfig
     label = "Colour distance (test)"
     calls: list[str] = []
+    fail_once: set[str] = set()  # categories whose next prediction raises (simulates an interruption)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -42,6 +43,9 @@ class ColourDistance(Detector, FewShot):
         self.reference = images.flatten(2).median(dim=2).values.median(dim=0).values
 
     def predict(self, images: Tensor, category: str) -> Prediction:
+        if category in self.fail_once:
+            self.fail_once.discard(category)
+            raise RuntimeError(f"simulated failure in {category}")
         type(self).calls.append(category)
         centre = images.flatten(2).median(dim=2).values
         if self.shots > 0:
