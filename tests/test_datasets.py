@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import box_mask, noise_image, write_image
+from PIL import Image
 
 import zsadbench
 from zsadbench.data import DataError, read_image, read_mask

@@ -6,10 +6,10 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from zsadbench.datasets.synthetic import DEFECTS, MEDICAL, generate
 
 import zsadbench
 from zsadbench.data import read_image, read_mask
-from zsadbench.datasets.synthetic import DEFECTS, MEDICAL, generate
 
 
 def digest(root: Path) -> dict[str, str]:
