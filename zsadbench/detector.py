@@ -35,6 +35,12 @@ class Detector(abc.ABC):
     label: ClassVar[str] = ""  # display name in tables and reports; defaults to the class name
     Config: ClassVar[type]  # the method's config dataclass
     transductive: ClassVar[bool] = False
+    # `zsadbench check` (zsadbench/regression.py): per variant to guard ("zero-shot", "1-shot", ...), the config
+    # overrides that select a tiny seeded backbone and a small input size. Goldens: results/regression/
+    # <method>.<variant>.json, created with `zsadbench check --method NAME --update`. Empty: check fails and says so.
+    regression_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Per-metric tolerances that replace the defaults of zsadbench.regression.DEFAULT_TOLERANCES for this method.
+    regression_tolerances: ClassVar[dict[str, dict[str, float]]] = {}
 
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         base = config if config is not None else self.Config()

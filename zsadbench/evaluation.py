@@ -151,9 +151,16 @@ def _to_mask_size(maps: torch.Tensor, masks: list[np.ndarray]) -> list[np.ndarra
     return out
 
 
+BatchHook = Callable[[list[Sample], np.ndarray, torch.Tensor], None]
+
+
 def evaluate_category(detector: Detector, dataset: Dataset, category: str, options: EvalOptions,
-                      progress: bool = True) -> CategoryResult:
-    """Returns the metrics of ``detector`` on one category, streaming batches into the metric accumulator."""
+                      progress: bool = True, on_batch: BatchHook | None = None) -> CategoryResult:
+    """Returns the metrics of ``detector`` on one category, streaming batches into the metric accumulator.
+
+    ``on_batch(samples, image_scores, anomaly_maps)`` sees every batch as the method returned it (maps at its input
+    resolution, in test-sample order); the regression check summarises maps through it.
+    """
     start = time.perf_counter()
     samples = dataset.test(category)
     if not samples:
@@ -185,6 +192,8 @@ def evaluate_category(detector: Detector, dataset: Dataset, category: str, optio
     def consume(batch_samples: list[Sample], scores: np.ndarray, maps: torch.Tensor,
                 masks: list[np.ndarray | None]) -> None:
         labels = np.array([s.label for s in batch_samples])
+        if on_batch is not None:
+            on_batch(batch_samples, scores, maps)
         if pixel:
             map_arrays = _to_mask_size(maps, masks) if options.resolution == "native" else list(maps.numpy())
             accumulator.update(scores, labels, map_arrays, masks)
@@ -231,7 +240,8 @@ def _mask(sample: Sample, size: tuple[int, int] | None, options: EvalOptions, pi
 
 def evaluate(detector: Detector, dataset: Dataset, categories: list[str] | None = None,
              options: EvalOptions | None = None, done: dict[str, CategoryResult] | None = None,
-             on_category: Callable[[CategoryResult], None] | None = None, progress: bool = True) -> EvaluationResult:
+             on_category: Callable[[CategoryResult], None] | None = None, progress: bool = True,
+             on_batch: BatchHook | None = None) -> EvaluationResult:
     """Returns per-category results of ``detector`` on ``dataset``; categories in ``done`` are not recomputed."""
     options = options or EvalOptions()
     categories = categories or dataset.categories("test")
@@ -245,7 +255,7 @@ def evaluate(detector: Detector, dataset: Dataset, categories: list[str] | None 
                disable=not progress)
     for category in bar:
         bar.set_postfix_str(category)
-        result = evaluate_category(detector, dataset, category, options, progress)
+        result = evaluate_category(detector, dataset, category, options, progress, on_batch)
         results[category] = result
         if on_category is not None:
             on_category(result)
