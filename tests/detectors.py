@@ -27,6 +27,7 @@ class ColourDistance(Detector, FewShot):
 
     Config = ColourConfig
     label = "Colour distance (test)"
+    regression_variants = {"zero-shot": {"image_size": 32}, "1-shot": {"image_size": 32, "shots": 1}}
     calls: list[str] = []
     fail_once: set[str] = set()  # categories whose next prediction raises (simulates an interruption)
 
@@ -61,6 +62,7 @@ class MutualColour(TransductiveDetector):
 
     Config = ColourConfig
     seen_sets: list[int] = []
+    regression_variants = {"zero-shot": {"image_size": 32}}
 
     input_size = ColourDistance.input_size
     transform = ColourDistance.transform

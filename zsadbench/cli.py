@@ -121,7 +121,62 @@ def _add_datasets(sub: argparse._SubParsersAction) -> Handler:
     return handle
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_run, _add_methods, _add_datasets]
+def _add_leaderboard(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("leaderboard", help="write the leaderboard (Markdown, HTML, CSV, plots) from recorded runs",
+                       description="Read the evaluation runs of an MLflow experiment back and write leaderboard.md, "
+                                   "a self-contained leaderboard.html, leaderboard.csv and plots/*.png: one table "
+                                   "per dataset, per-category tables, bootstrap intervals, paired tests and the "
+                                   "paper-reported numbers beside the measured ones.")
+    p.add_argument("--experiment", default="zsadbench", help="MLflow experiment name (default: zsadbench)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)")
+    p.add_argument("--datasets", nargs="+", type=_csv_list, metavar="NAME",
+                   help="only these datasets (names as recorded, e.g. mvtec visa)")
+    p.add_argument("--out", help="output folder (default: results/leaderboard)")
+    p.add_argument("--reported", metavar="CSV",
+                   help="paper-reported numbers (default: results/paper_reported.csv)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap replicates for intervals and paired tests; 0 skips them (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.report import leaderboard
+
+        datasets = [d for group in args.datasets for d in group] if args.datasets else None
+        board, written = leaderboard(args.experiment, args.tracking_uri, datasets, args.out,
+                                     reported=args.reported, replicates=args.bootstrap, seed=args.seed)
+        for dataset in board.datasets:
+            print(f"{dataset.key}: {len(dataset.rows)} rows ({', '.join(r.label for r in dataset.rows)})")
+        print(f"wrote {written['markdown']}, {written['html'].name}, {written['csv'].name} and "
+              f"{len(written) - 3} plots in {written['markdown'].parent / 'plots'}")
+        return 0
+
+    return handle
+
+
+def _add_check(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("check", help="regression check: every method on a small synthetic benchmark vs its goldens",
+                       description="Run every registered method (or --method) with its tiny seeded regression "
+                                   "configuration on a fixed small synthetic benchmark and compare metrics and "
+                                   "anomaly-map summaries with the goldens in results/regression/. Exit status 1 on "
+                                   "any difference beyond tolerance.")
+    p.add_argument("--method", action="append", type=_csv_list, metavar="NAME",
+                   help="check only this method (repeatable, or comma-separated)")
+    p.add_argument("--update", action="store_true", help="(re)write the goldens instead of comparing")
+    p.add_argument("--goldens", metavar="DIR", help="goldens folder (default: results/regression)")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.regression import check, format_report
+
+        methods = [m for group in args.method for m in group] if args.method else None
+        report = check(methods, update=args.update, goldens=args.goldens)
+        print(format_report(report))
+        return 1 if report.failed else 0
+
+    return handle
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_run, _add_methods, _add_datasets,
+                                                                   _add_leaderboard, _add_check]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
