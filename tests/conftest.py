@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +24,23 @@ def isolated_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ZSADBENCH_RESULTS", str(folder))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def empty_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created once per session (creating and migrating one takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(isolated_results: Path, empty_store_template: Path) -> Path:
+    """Puts a copy of the empty, already migrated store where the embedded store goes; returns its path."""
+    isolated_results.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(empty_store_template, isolated_results / "mlflow.db"))
 
 
 @pytest.fixture(scope="session")

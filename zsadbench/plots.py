@@ -114,8 +114,7 @@ def category_heatmap(labels: Sequence[str], categories: Sequence[str], values: n
     label_width = 0.075 * max(len(line) for label in wrapped for line in label.splitlines())
     fig, ax = plt.subplots(figsize=(label_width + 1.6 + 0.72 * cols, 1.3 + 0.42 * rows * max(
         1, max(w.count("\n") + 1 for w in wrapped) * 0.8)))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d9d9d9")
     image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=low, vmax=100, aspect="auto")
     for r in range(rows):
         for c in range(cols):

@@ -57,6 +57,7 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "map": {"atol": 1e-6, "rtol": 1e-4},  # every statistic of the map summary
 }
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]")
 
 
 def default_goldens() -> Path:
@@ -86,6 +87,12 @@ def summarise_map(anomaly_map: np.ndarray) -> dict[str, Any]:
     summary["grid"] = [[_round(amap[np.ix_(r, c)].mean()) if len(r) and len(c) else None for c in cols]
                        for r in rows]
     return summary
+
+
+def _dumps(content: dict[str, Any]) -> str:
+    """Returns indented JSON with lists of numbers kept on one line (a golden stays readable and diffs well)."""
+    text = json.dumps(content, indent=1)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
 def _json_value(value: Any) -> Any:
@@ -287,7 +294,7 @@ def check_variant(name: str, cls: type, variant: str, overrides: dict[str, Any],
                                                          "git_commit") if k in env},
                    **observed}
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=1) + "\n")
+        path.write_text(_dumps(content))
         return VariantResult(name, variant, "updated", f"wrote {path}", seconds=seconds)
     assert golden is not None
     mismatches, compared = compare(golden, observed)

@@ -227,7 +227,7 @@ def align_scores(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"the two runs did not score the same images ({len(only_a)} only in the first run"
                          f"{': ' + show(only_a) if len(only_a) else ''}; {len(only_b)} only in the second"
                          f"{': ' + show(only_b) if len(only_b) else ''}); a paired test needs identical image sets")
-    joined = frames[0].join(frames[1][["label", "score_b"]], rsuffix="_b")
+    joined = frames[0].join(frames[1][["label", "score_b"]].rename(columns={"label": "label_b"}))
     conflicting = joined["label"] != joined["label_b"]
     if conflicting.any():
         category, key = joined.index[conflicting.to_numpy()][0]
