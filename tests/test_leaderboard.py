@@ -16,11 +16,12 @@ from PIL import Image
 from zsadbench.cli import main
 from zsadbench.evaluation import EvalOptions
 from zsadbench.report import build_leaderboard, write_leaderboard
+from zsadbench.reported import COLUMNS
 from zsadbench.runner import RunSpec, run
 
 SMALL = {"image_size": "48", "n_train": "3", "n_test_normal": "4", "n_test_anomalous": "4",
          "categories": "carpet,tile,brain"}  # the same benchmark as conftest.SMALL_SYNTHETIC
-REPORTED = """method,dataset,category,metric,value_pct,metric_variant,shots,training_set,backbone,source_kind,source,notes
+REPORTED = ",".join(COLUMNS) + """
 test-colour,synthetic,mean,image_auroc,90.0,auroc,0,,,paper,Imaginary et al. 2026 Table 1,
 test-colour,synthetic,mean,pixel_aupro,85.0,aupro.step200,0,,,paper,Imaginary et al. 2026 Table 1,
 test-colour,synthetic,tile,image_auroc,98.0,auroc,0,,,code-release,someone/repo:README.md@abc1234,

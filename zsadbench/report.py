@@ -29,7 +29,7 @@ from zsadbench import plots
 from zsadbench.metrics import IMAGE_METRICS, MAD_RECIPES, MetricWarning
 from zsadbench.paths import results_dir
 from zsadbench.render import Block, Details, Figure, Heading, Table, Text, anchor, to_html, to_markdown
-from zsadbench.reported import COMPARABLE, load_reported, matching, measured_variant
+from zsadbench.reported import COMPARABLE, METHOD_NOTES, load_reported, matching, measured_variant
 from zsadbench.reported import comparability as compare_variants
 from zsadbench.runs import RunRecord, Selection, fetch_artifact, load_runs, select_runs
 from zsadbench.tracking import tracking_uri
@@ -510,10 +510,11 @@ def _dataset_blocks(board: DatasetBoard, figures: dict[str, str], board_all: Lea
         blocks.append(Heading(3, "Uncertainty", f"{anchor(board.key)}-uncertainty"))
         blocks += [t for t in (interval_table, paired_table) if t is not None]
     reported_table = _reported_table(board)
-    if reported_table is not None:
+    notes = [METHOD_NOTES[m] for m in dict.fromkeys(r.record.method for r in board.rows) if m in METHOD_NOTES]
+    if reported_table is not None or notes:
         blocks.append(Heading(3, "Compared with paper-reported numbers", f"{anchor(board.key)}-reported"))
-        blocks.append(reported_table)
-        per_category = _reported_category_tables(board)
+        blocks += [t for t in (reported_table,) if t is not None] + [Text(n, small=True) for n in notes]
+        per_category = _reported_category_tables(board) if reported_table is not None else []
         if per_category:
             blocks.append(Details("Per-category comparison with reported numbers", per_category))
     blocks.append(Heading(3, "Per category", f"{anchor(board.key)}-per-category"))

@@ -32,6 +32,14 @@ VARIANTS = {
 SOURCE_KINDS = ("paper", "code-release", "reproduction", "secondary")
 FILENAME = "paper_reported.csv"
 
+# Methods whose publications give no absolute number to put beside ours, and what they give instead.
+METHOD_NOTES = {
+    "headclip": "HeadCLIP publishes only relative gains (arXiv 2505.22259v2 abstract): up to +4.9 / +3.7 %p pixel / "
+                "image mAD on industrial and +3.2 / +3.2 %p on medical datasets over the best prior method, with an "
+                "unpublished mAD definition; zsadbench's HeadCLIP is a labelled reconstruction, so there is nothing "
+                "to compare its numbers with (results/paper_reported.md).",
+}
+
 COMPARABLE = "comparable"
 NOT_COMPARABLE = "not comparable"
 UNCONFIRMED = "variant unconfirmed"
