@@ -37,6 +37,7 @@ def metric_bars(labels: Sequence[str], titles: Sequence[str], values: np.ndarray
     ``reported`` (rows, metrics) marks a paper-reported value, filled when ``reported_comparable`` is true.
     """
     plt = _pyplot()
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -80,7 +81,7 @@ def metric_bars(labels: Sequence[str], titles: Sequence[str], values: np.ndarray
         ax.set_axisbelow(True)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-    handles = [Patch(facecolor=c, label=label) for c, label in zip(colours, labels)]
+    handles: list[Artist] = [Patch(facecolor=c, label=label) for c, label in zip(colours, labels)]
     if intervals is not None and not np.isnan(intervals).all():
         handles.append(Line2D([], [], color="black", marker="_", markersize=8, linestyle="none",
                               label="95 % bootstrap interval"))

@@ -219,7 +219,8 @@ class VariantResult:
 def _example_overrides(cls: type) -> str:
     import dataclasses
 
-    names = {f.name for f in dataclasses.fields(cls.Config)} if dataclasses.is_dataclass(cls.Config) else set()
+    config = getattr(cls, "Config", None)
+    names = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
     example = {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 64}
     chosen = {k: v for k, v in example.items() if k in names} or {"image_size": 64}
     return "{\"zero-shot\": {" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in chosen.items()) + "}}"

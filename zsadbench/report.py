@@ -175,7 +175,7 @@ def _is_default_backbone(record: RunRecord) -> bool:
     from zsadbench.registry import get_method
 
     try:
-        defaults = flatten(get_method(record.method).Config())
+        defaults = flatten(get_method(record.method).Config())  # type: ignore[attr-defined]
     except (KeyError, TypeError):
         return True
     if "model" in defaults and str(defaults["model"]) != record.backbone:
