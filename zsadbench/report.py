@@ -29,7 +29,7 @@ from zsadbench import plots
 from zsadbench.metrics import IMAGE_METRICS, MAD_RECIPES, MetricWarning
 from zsadbench.paths import results_dir
 from zsadbench.render import Block, Details, Figure, Heading, Table, Text, anchor, to_html, to_markdown
-from zsadbench.reported import COMPARABLE, METHOD_NOTES, load_reported, matching, measured_variant
+from zsadbench.reported import COMPARABLE, METHOD_NOTES, default_path, load_reported, matching, measured_variant
 from zsadbench.reported import comparability as compare_variants
 from zsadbench.runs import RunRecord, Selection, fetch_artifact, load_runs, select_runs
 from zsadbench.tracking import tracking_uri
@@ -208,8 +208,6 @@ def build_leaderboard(experiment: str = "zsadbench", uri: str | None = None, dat
         raise ValueError(f"MLflow experiment {experiment!r} at {resolved} has no evaluation runs")
     selected = select_runs(records, datasets)
     table = load_reported(reported)
-    from zsadbench.reported import default_path
-
     source = str(reported) if reported is not None else str(default_path() or "none found")
     boards: list[DatasetBoard] = []
     total = sum(len(s) for s in selected.values())
@@ -224,7 +222,11 @@ def build_leaderboard(experiment: str = "zsadbench", uri: str | None = None, dat
                 row = Row(selection)
                 row.scores, row.implementation_tags = _read_scores(record, Path(tmp), resolved)
                 if row.scores is not None and replicates > 0:
-                    row.intervals = bootstrap_intervals(row.scores, IMAGE_METRICS, replicates, level, seed)
+                    try:
+                        row.intervals = bootstrap_intervals(row.scores, IMAGE_METRICS, replicates, level, seed)
+                    except ValueError as exc:  # one unusable scores.csv must not take the whole report down
+                        log.warning("run %s: no bootstrap intervals (%s)", record.run_id, exc)
+                        row.scores = None
                 row.reported = matching(table, record.method, record.dataset, record.shots, record.backbone,
                                         record.image_size, _is_default_backbone(record))
                 rows.append(row)
