@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -117,7 +118,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
          "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+        cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+        # the server's background job runner (several huey worker processes) is not needed to record runs
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
