@@ -1,8 +1,28 @@
-"""Anomaly-detection metrics per category (interim exact implementation; the streaming engine replaces it).
+"""Exact anomaly-detection metrics per category, accumulated batch by batch in bounded memory.
 
-Public API (stable): :data:`METRIC_NAMES`, :data:`MAD_RECIPES`, :data:`IMPLEMENTATION_TAGS`, :func:`mad`,
-:class:`CategoryMetrics` (``update`` per batch, ``compute`` once per category), and the functional forms
-:func:`auroc`, :func:`average_precision`, :func:`f1_max`, :func:`aupro`.
+Definitions (specs/metrics.md): AUROC = sklearn ``roc_auc_score`` (ties count one half); AP = sklearn
+``average_precision_score`` (step-wise); F1-max = the maximum of 2PR/(P+R) over the points of sklearn's
+``precision_recall_curve``; AUPRO = the official MVTec AD AU-PRO (8-connected ground-truth components per image, one
+curve point per distinct score, (0, 0) prepended and (1, 1) appended, trapezoid up to ``fpr_limit`` with linear
+interpolation there, divided by ``fpr_limit``). ``aupro="step200"`` is the cflow / AnomalyCLIP / MuSc variant
+(200 threshold steps, rescaled FPR axis), for paper-comparable numbers only: it is not invariant to monotone
+transforms of the scores and is never the default.
+
+How it stays exact and fast (a category can hold several hundred million pixels):
+
+- Every curve point that can change a metric sits at a distinct *positive* score. For those (typically ~1 % of the
+  pixels) the engine needs the number of negatives at or above the score, which a binary search in the sorted
+  negative scores gives. Negatives therefore only need their values in order: one values-only sort (no argsort,
+  no index arrays) of the float32 scores as stored, and nothing else per negative pixel.
+- Counts are int64 and the AUROC numerator is an integer (Mann-Whitney U doubled), so nothing stops counting at
+  2^24 the way float32 running sums do; PRO sums are float64.
+- :class:`CategoryMetrics` keeps, per image, the negative pixels' scores (one copy of the map's bytes) and the
+  positive pixels' scores with their component ids; maps and masks are not kept. ``compute`` gathers the negatives
+  into one array chunk by chunk (freeing each chunk as it goes) and sorts it in place, so peak memory stays close to
+  one copy of the category's scores.
+
+Scores are compared in the dtype they arrive in (float32 maps stay float32; a float64 map makes the category
+float64, never the other way round), so no two distinct scores are ever merged by a cast.
 """
 
 from __future__ import annotations
@@ -10,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -18,86 +39,400 @@ IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
 MAD_RECIPES = {"image": IMAGE_METRICS, "pixel": PIXEL_METRICS, "all7": METRIC_NAMES}
+AUPRO_VARIANTS = ("exact", "step200")
 IMPLEMENTATION_TAGS = {
     "image_auroc": "auroc.exact", "image_ap": "ap.step.exact", "image_f1max": "f1max.exact",
     "pixel_auroc": "auroc.exact", "pixel_ap": "ap.step.exact", "pixel_f1max": "f1max.exact",
     "pixel_aupro": "aupro.exact@0.3",
+    "mad_image": "mad.image", "mad_pixel": "mad.pixel", "mad_all7": "mad.all7",
 }
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+# Scores of these dtypes are exact in float32; anything wider is kept as float64.
+_FLOAT32_EXACT = {np.dtype(t) for t in (np.float16, np.float32, np.bool_, np.int8, np.uint8, np.int16, np.uint16)}
 
 
 class MetricWarning(UserWarning):
     """A metric is undefined for a category (one label only, no defect regions) and reported as NaN."""
 
 
-def _curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order].astype(np.int64)
-    tps, fps = np.cumsum(y), np.cumsum(1 - y)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    return tps[last], fps[last], int(tps[-1]), int(fps[-1])
+def aupro_tag(variant: str = "exact", fpr_limit: float = 0.3) -> str:
+    """Returns the implementation tag of an AUPRO variant, e.g. ``aupro.exact@0.3``."""
+    if variant not in AUPRO_VARIANTS:
+        raise ValueError(f"unknown AUPRO variant {variant!r}; choose one of {AUPRO_VARIANTS}")
+    return f"aupro.{variant}@{fpr_limit:g}"
+
+
+def _warn(message: str, where: str | None) -> None:
+    warnings.warn(f"{where}: {message}" if where else message, MetricWarning, stacklevel=3)
+
+
+def _score_dtype(dtype: np.dtype) -> np.dtype:
+    """Returns the dtype scores of ``dtype`` are stored in (never narrower than needed to keep them distinct)."""
+    if dtype in _FLOAT32_EXACT:
+        return np.dtype(np.float32)
+    if dtype.kind in "fiub":
+        return np.dtype(np.float64)
+    raise TypeError(f"anomaly scores must be real numbers, got dtype {dtype}")
+
+
+def _as_scores(values: object, what: str) -> np.ndarray:
+    array = np.asarray(values)
+    array = array.astype(_score_dtype(array.dtype), copy=False)
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise ValueError(f"{what} contain NaN")
+    return array
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The exact sweep over distinct positive scores (shared by image- and pixel-level metrics)
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _PositiveRuns:
+    """Distinct positive scores in descending order with what the curves need at each of them."""
+
+    values: np.ndarray  # distinct positive scores, descending
+    counts: np.ndarray  # int64: positives with exactly this score
+    neg_at_or_above: np.ndarray  # int64: negatives with score >= value
+    neg_equal: np.ndarray  # int64: negatives with score == value
+    n_pos: int
+    n_neg: int
+
+
+def _positive_runs(neg_sorted: np.ndarray, pos_sorted: np.ndarray) -> tuple[_PositiveRuns, np.ndarray]:
+    """Returns the runs of equal positive scores (descending) and the start index of each run in ``pos_sorted``.
+
+    ``neg_sorted`` and ``pos_sorted`` are ascending and of the same dtype.
+    """
+    n_pos, n_neg = len(pos_sorted), len(neg_sorted)
+    starts = np.flatnonzero(np.r_[True, pos_sorted[1:] != pos_sorted[:-1]]) if n_pos else np.zeros(0, np.int64)
+    values = pos_sorted[starts]
+    counts = np.diff(np.r_[starts, n_pos]).astype(np.int64)
+    below = np.searchsorted(neg_sorted, values, side="left").astype(np.int64)
+    # Exact ties between a positive and a negative score are rare in real maps: look those up only.
+    equal = np.zeros(len(values), np.int64)
+    probe = np.minimum(below, max(n_neg - 1, 0))
+    tied = np.flatnonzero((below < n_neg) & (neg_sorted[probe] == values)) if n_neg else np.zeros(0, np.int64)
+    if len(tied):
+        equal[tied] = np.searchsorted(neg_sorted, values[tied], side="right") - below[tied]
+    runs = _PositiveRuns(values[::-1], counts[::-1], (n_neg - below)[::-1], equal[::-1], n_pos, n_neg)
+    return runs, starts
+
+
+def _auroc(runs: _PositiveRuns, where: str | None, level: str = "") -> float:
+    if runs.n_pos == 0 or runs.n_neg == 0:
+        _warn(f"{level}AUROC undefined: only {'negative' if runs.n_neg else 'positive'} samples", where)
+        return math.nan
+    below = runs.n_neg - runs.neg_at_or_above
+    # 2U = sum over positives of (2 * #negatives below + #negatives tied): an exact integer.
+    twice_u_terms = runs.counts * (2 * below + runs.neg_equal)
+    if 2 * runs.n_pos * runs.n_neg < 2 ** 62:
+        twice_u = int(twice_u_terms.sum())
+        return float(twice_u / (2 * runs.n_pos * runs.n_neg))
+    return math.fsum(twice_u_terms.astype(np.float64)) / (2.0 * runs.n_pos * runs.n_neg)
+
+
+def _precision_recall(runs: _PositiveRuns) -> tuple[np.ndarray, np.ndarray]:
+    # Same floating-point operations as sklearn's precision_recall_curve at the points where recall changes.
+    tps = np.cumsum(runs.counts).astype(np.float64)
+    precision = tps / (tps + runs.neg_at_or_above)
+    recall = tps / runs.n_pos
+    return precision, recall
+
+
+def _average_precision(runs: _PositiveRuns, where: str | None, level: str = "") -> float:
+    if runs.n_pos == 0:
+        _warn(f"{level}AP undefined: no positive samples", where)
+        return math.nan
+    precision, recall = _precision_recall(runs)
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def _f1_max(runs: _PositiveRuns, where: str | None, level: str = "") -> float:
+    if runs.n_pos == 0:
+        _warn(f"{level}F1-max undefined: no positive samples", where)
+        return math.nan
+    # Between two distinct positive scores TP is constant and FP only grows, so the maximum sits at a positive score.
+    precision, recall = _precision_recall(runs)
+    return float(np.max(2 * precision * recall / (precision + recall)))
+
+
+def _ranking_runs(scores: np.ndarray, labels: np.ndarray) -> _PositiveRuns:
+    scores, labels = np.ravel(scores), np.ravel(labels)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores ({scores.size}) and labels ({labels.size}) differ in length")
+    labels = _as_labels(labels, "labels")
+    scores = _as_scores(scores, "scores")
+    neg, pos = np.sort(scores[~labels]), np.sort(scores[labels])
+    return _positive_runs(neg, pos)[0]
+
+
+def _as_labels(labels: object, what: str) -> np.ndarray:
+    array = np.asarray(labels)
+    if array.dtype == bool:
+        return array
+    if array.dtype.kind not in "iu" or (array.size and not np.isin(array, (0, 1)).all()):
+        raise ValueError(f"{what} must be boolean or 0/1 integers, got dtype {array.dtype}")
+    return array.astype(bool)
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Returns the exact ROC AUC (ties count one half); NaN with a warning if only one class is present."""
-    tps, fps, p, n = _curve(np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel())
-    if p == 0 or n == 0:
-        warnings.warn("AUROC undefined: only one class present", MetricWarning, stacklevel=2)
-        return math.nan
-    tpr, fpr = np.r_[0, tps] / p, np.r_[0, fps] / n
-    return float(np.trapezoid(tpr, fpr))
+    return _auroc(_ranking_runs(scores, labels), None)
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """Returns step-wise average precision (sklearn's definition); NaN with a warning without positives."""
-    tps, fps, p, _ = _curve(np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel())
-    if p == 0:
-        warnings.warn("AP undefined: no positive samples", MetricWarning, stacklevel=2)
-        return math.nan
-    precision, recall = tps / (tps + fps), tps / p
-    return float(np.sum(np.diff(np.r_[0, recall]) * precision))
+    return _average_precision(_ranking_runs(scores, labels), None)
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Returns the maximum F1 over all distinct thresholds; NaN with a warning without positives."""
-    tps, fps, p, _ = _curve(np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel())
-    if p == 0:
-        warnings.warn("F1-max undefined: no positive samples", MetricWarning, stacklevel=2)
-        return math.nan
-    precision, recall = tps / (tps + fps), tps / p
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return float(f1.max())
+    """Returns the maximum F1 over all distinct thresholds (0/0 counts as 0); NaN with a warning without positives."""
+    return _f1_max(_ranking_runs(scores, labels), None)
 
 
-def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
-    """Returns the official MVTec AD AU-PRO up to ``fpr_limit``, normalised by it; NaN if undefined."""
-    scores, fp, pro, n_components = [], [], [], 0
-    for amap, mask in zip(maps, masks):
-        labels, k = ndimage.label(mask, structure=np.ones((3, 3)))
-        areas = np.bincount(labels.ravel())
-        scores.append(np.asarray(amap, np.float64).ravel())
-        fp.append((labels.ravel() == 0).astype(np.float64))
-        inc = np.zeros(labels.size)
-        inside = labels.ravel() > 0
-        inc[inside] = 1.0 / areas[labels.ravel()[inside]]
-        pro.append(inc)
-        n_components += k
-    s, f, r = np.concatenate(scores), np.concatenate(fp), np.concatenate(pro)
-    negatives = f.sum()
-    if n_components == 0 or negatives == 0:
-        warnings.warn("AUPRO undefined: no defect regions or no negative pixels", MetricWarning, stacklevel=2)
+# --------------------------------------------------------------------------------------------------------------------
+# AU-PRO
+# --------------------------------------------------------------------------------------------------------------------
+
+def _aupro_exact(runs: _PositiveRuns, run_pro: np.ndarray, n_regions: int, fpr_limit: float) -> float:
+    """Returns the area under the official PRO curve up to ``fpr_limit`` divided by it.
+
+    ``run_pro`` holds, per run of ``runs``, the sum of 1/|C_k| over its positive pixels. The official curve has a
+    vertex per distinct score; between two distinct positive scores only negatives enter, so PRO is flat there and
+    the curve is (1) a horizontal piece over the negatives strictly between the two scores, then (2) a straight piece
+    from the previous PRO to the new one over the negatives tied with the positive score (a vertical jump without
+    such ties). Integrating these pieces in closed form gives the official area without visiting any negative pixel.
+    """
+    n_neg = runs.n_neg
+    pro = np.cumsum(run_pro) / n_regions
+    pro_before = np.r_[0.0, pro[:-1]]
+    fpr_end = runs.neg_at_or_above / n_neg  # vertex of each positive score
+    fpr_start = (runs.neg_at_or_above - runs.neg_equal) / n_neg  # where its tied negatives begin
+    fpr_prev = np.r_[0.0, fpr_end[:-1]]
+    limit = fpr_limit
+    # (1) horizontal pieces, plus the tail after the lowest positive score up to FPR 1 at the final PRO
+    area = float(np.sum(pro_before * (np.minimum(fpr_start, limit) - np.minimum(fpr_prev, limit))))
+    last = fpr_end[-1] if len(fpr_end) else 0.0
+    area += (pro[-1] if len(pro) else 0.0) * (min(1.0, limit) - min(last, limit))
+    # (2) sloped pieces (tie runs): complete ones, then the one crossing the limit, interpolated linearly there
+    full = fpr_end <= limit
+    area += float(np.sum(((fpr_end - fpr_start) * (pro_before + pro) / 2)[full]))
+    crossing = np.flatnonzero((fpr_start < limit) & (fpr_end > limit))
+    if len(crossing):
+        i = crossing[0]
+        t = (limit - fpr_start[i]) / (fpr_end[i] - fpr_start[i])
+        pro_at_limit = pro_before[i] + t * (pro[i] - pro_before[i])
+        area += (limit - fpr_start[i]) * (pro_before[i] + pro_at_limit) / 2
+    return area / fpr_limit
+
+
+def _aupro_step200(neg_sorted: np.ndarray, pos_sorted: np.ndarray, pos_weight_sorted: np.ndarray, n_regions: int,
+                   fpr_limit: float, where: str | None, steps: int = 200) -> float:
+    """Returns the cflow / AnomalyCLIP / MuSc PRO score (``steps`` thresholds, FPR < limit rescaled to [0, 1])."""
+    dtype = neg_sorted.dtype
+    lowest = min(neg_sorted[0], pos_sorted[0]) if len(pos_sorted) else neg_sorted[0]
+    highest = max(neg_sorted[-1], pos_sorted[-1]) if len(pos_sorted) else neg_sorted[-1]
+    lowest, highest = dtype.type(lowest), dtype.type(highest)
+    # The reference computes its thresholds with np.arange on scalars of the maps' dtype; so does this.
+    with np.errstate(all="ignore"):
+        delta = (highest - lowest) / steps
+        if not (np.isfinite(delta) and delta > 0):
+            _warn("AUPRO (step200) undefined: all scores are equal or infinite", where)
+            return math.nan
+        thresholds = np.arange(lowest, highest, delta)
+    # np.arange returns float64 even for float32 scalars, and the reference then compares `maps > th` in float64.
+    # For float32 scores that test equals `score > th32` with th32 the largest float32 not above th, which keeps
+    # the big sorted array in its own dtype (no float64 copy).
+    if thresholds.dtype != dtype:
+        rounded = thresholds.astype(dtype)
+        above = rounded > thresholds
+        rounded[above] = np.nextafter(rounded[above], dtype.type(-np.inf))
+        thresholds = rounded
+    # PRO(th) = mean over regions of the fraction of the region above th = (sum over pixels > th of 1/|C|) / K
+    above_weight = np.r_[np.cumsum(pos_weight_sorted[::-1])[::-1], 0.0]
+    pros = above_weight[np.searchsorted(pos_sorted, thresholds, side="right")] / n_regions
+    fprs = (len(neg_sorted) - np.searchsorted(neg_sorted, thresholds, side="right")) / len(neg_sorted)
+    keep = fprs < fpr_limit
+    fprs, pros = fprs[keep], pros[keep]
+    if len(fprs) < 2 or fprs.max() == fprs.min():
+        _warn(f"AUPRO (step200) undefined: fewer than two distinct FPR values below {fpr_limit:g}", where)
         return math.nan
-    order = np.argsort(-s, kind="stable")
-    s, fpr, prov = s[order], np.cumsum(f[order]) / negatives, np.cumsum(r[order]) / n_components
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    fpr, prov = np.r_[0.0, fpr[last], 1.0], np.r_[0.0, prov[last], 1.0]
-    keep = fpr <= fpr_limit
-    x, y = fpr[keep], prov[keep]
-    if x[-1] < fpr_limit:
-        i = np.searchsorted(fpr, fpr_limit)
-        t = (fpr_limit - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
-        x, y = np.r_[x, fpr_limit], np.r_[y, prov[i - 1] + t * (prov[i] - prov[i - 1])]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    # sklearn.metrics.auc on a decreasing x: minus the trapezoid along the thresholds' order
+    return float(-np.trapezoid(pros, fprs))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming accumulation of one category's pixels
+# --------------------------------------------------------------------------------------------------------------------
+
+class _Blocks:
+    """A growable 1-D store of scores in fixed-size blocks.
+
+    Blocks are large enough that the C allocator maps each one separately (pages become resident only when written,
+    and a freed block goes straight back to the OS), so the store never reallocates or copies while it grows, and
+    gathering it into one array holds at most one extra block at a time.
+    """
+
+    BLOCK = 1 << 23  # elements: 32 MiB of float32, the largest dynamic mmap threshold of glibc (so always mapped)
+
+    def __init__(self) -> None:
+        self._blocks: list[np.ndarray] = []
+        self._used = 0  # elements written to the last block
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._blocks[:-1]) + self._used
+
+    @property
+    def dtypes(self) -> list[np.dtype]:
+        """Returns the dtypes of the stored blocks."""
+        return [b.dtype for b in self._blocks]
+
+    def append(self, values: np.ndarray) -> None:
+        """Appends a 1-D array (copied)."""
+        while len(values):
+            if not self._blocks or self._used == len(self._blocks[-1]) or self._blocks[-1].dtype != values.dtype:
+                if self._blocks:
+                    self._blocks[-1] = self._blocks[-1][:self._used]
+                self._blocks.append(np.empty(self.BLOCK, values.dtype))
+                self._used = 0
+            block = self._blocks[-1]
+            take = min(len(values), len(block) - self._used)
+            block[self._used:self._used + take] = values[:take]
+            self._used += take
+            values = values[take:]
+
+    def gather(self, dtype: np.dtype) -> np.ndarray:
+        """Returns every stored value in one array of ``dtype`` (freeing the blocks as they are copied)."""
+        if self._blocks:
+            self._blocks[-1] = self._blocks[-1][:self._used]
+        if len(self._blocks) == 1 and self._blocks[0].dtype == dtype:
+            out = self._blocks.pop()
+        else:
+            out = np.empty(sum(len(b) for b in self._blocks), dtype)
+            offset = 0
+            while self._blocks:  # order is irrelevant (the caller sorts); last first lets each block go at once
+                block = self._blocks.pop()
+                out[offset:offset + len(block)] = block
+                offset += len(block)
+                del block
+        self._blocks, self._used = [out], len(out)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Returns the bytes of the values written so far."""
+        last = self._used * self._blocks[-1].itemsize if self._blocks else 0
+        return sum(b.nbytes for b in self._blocks[:-1]) + last
+
+
+class PixelAccumulator:
+    """Keeps one category's pixel scores compactly: negatives' values, positives' values with their component ids."""
+
+    def __init__(self) -> None:
+        self._negatives = _Blocks()
+        self._positives: list[np.ndarray] = []
+        self._positive_regions: list[np.ndarray] = []
+        self._region_areas: list[np.ndarray] = []
+        self.n_regions = 0
+        self.n_images = 0
+
+    def add(self, anomaly_map: object, mask: object, what: str = "anomaly map") -> None:
+        """Adds one image: its (H, W) score map and boolean mask of the same size."""
+        scores = _as_scores(anomaly_map, what)
+        mask = _as_labels(mask, f"mask of {what}")
+        if scores.ndim != 2 or mask.shape != scores.shape:
+            raise ValueError(f"{what} has shape {scores.shape} but its mask has shape {mask.shape}; "
+                             "both must be the same (H, W)")
+        self.n_images += 1
+        if not mask.any():
+            self._negatives.append(scores.ravel())
+            return
+        regions, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        if self.n_regions + count >= np.iinfo(np.int32).max:
+            raise ValueError("more than 2^31 ground-truth regions in one category")
+        self._negatives.append(scores[~mask])
+        self._positives.append(scores[mask])
+        ids = regions[mask]
+        self._region_areas.append(np.bincount(ids, minlength=count + 1)[1:].astype(np.int64))
+        ids += self.n_regions - 1  # global, 0-based component ids
+        self._positive_regions.append(ids.astype(np.int32, copy=False))
+        self.n_regions += count
+
+    @property
+    def nbytes(self) -> int:
+        """Returns the bytes held by the stored scores and component ids."""
+        return self._negatives.nbytes + sum(a.nbytes for part in (self._positives, self._positive_regions,
+                                                                   self._region_areas) for a in part)
+
+    def sorted_scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns the negatives' scores ascending, the positives' scores ascending and their 1/|C| weights.
+
+        The negatives are gathered into one array and sorted in place (values only: no argsort, no index array);
+        the sorted array stays the store, so a later ``add`` and another call still work.
+        """
+        dtypes = self._negatives.dtypes + [a.dtype for a in self._positives]
+        dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
+        negatives = self._negatives.gather(dtype)
+        negatives.sort()
+        if not self._positives:
+            return negatives, np.zeros(0, dtype), np.zeros(0)
+        positives = np.concatenate(self._positives).astype(dtype, copy=False)
+        regions = np.concatenate(self._positive_regions)
+        areas = np.concatenate(self._region_areas)
+        self._positives, self._positive_regions, self._region_areas = [positives], [regions], [areas]
+        order = np.argsort(positives, kind="stable")  # positives are few (~1 % of the pixels)
+        weights = (1.0 / areas)[regions[order]]
+        return negatives, positives[order], weights
+
+    def compute(self, aupro: str = "exact", fpr_limit: float = 0.3, where: str | None = None) -> dict[str, float]:
+        """Returns pixel AUROC, AP, F1-max and AUPRO (NaN with a warning where undefined)."""
+        negatives, positives, weights = self.sorted_scores()
+        runs, starts = _positive_runs(negatives, positives)
+        out = {"pixel_auroc": _auroc(runs, where, "pixel "), "pixel_ap": _average_precision(runs, where, "pixel "),
+               "pixel_f1max": _f1_max(runs, where, "pixel ")}
+        if self.n_regions == 0 or runs.n_neg == 0:
+            _warn(f"pixel AUPRO undefined: {'no defect regions' if self.n_regions == 0 else 'no negative pixels'}",
+                  where)
+            out["pixel_aupro"] = math.nan
+        elif aupro == "exact":
+            run_pro = np.add.reduceat(weights, starts)[::-1] if len(starts) else np.zeros(0)
+            out["pixel_aupro"] = _aupro_exact(runs, run_pro, self.n_regions, fpr_limit)
+        else:
+            out["pixel_aupro"] = _aupro_step200(negatives, positives, weights, self.n_regions, fpr_limit, where)
+        return out
+
+
+def _check_aupro_options(variant: str, fpr_limit: float) -> None:
+    if variant not in AUPRO_VARIANTS:
+        raise ValueError(f"unknown AUPRO variant {variant!r}; choose one of {AUPRO_VARIANTS}")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+
+
+def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3,
+          variant: str = "exact") -> float:
+    """Returns the official MVTec AD AU-PRO up to ``fpr_limit``, normalised by it; NaN with a warning if undefined.
+
+    ``variant="step200"`` gives the cflow / AnomalyCLIP / MuSc approximation instead (paper comparison only).
+    """
+    _check_aupro_options(variant, fpr_limit)
+    if len(maps) != len(masks):
+        raise ValueError(f"{len(maps)} anomaly maps but {len(masks)} masks")
+    accumulator = PixelAccumulator()
+    for i, (amap, mask) in enumerate(zip(maps, masks)):
+        accumulator.add(amap, mask, f"anomaly map {i}")
+    negatives, positives, weights = accumulator.sorted_scores()
+    if accumulator.n_regions == 0 or len(negatives) == 0:
+        _warn(f"AUPRO undefined: {'no defect regions' if accumulator.n_regions == 0 else 'no negative pixels'}",
+              None)
+        return math.nan
+    if variant == "step200":
+        return _aupro_step200(negatives, positives, weights, accumulator.n_regions, fpr_limit, None)
+    runs, starts = _positive_runs(negatives, positives)
+    return _aupro_exact(runs, np.add.reduceat(weights, starts)[::-1], accumulator.n_regions, fpr_limit)
 
 
 def mad(metrics: dict[str, float], recipe: str) -> float:
@@ -107,44 +442,63 @@ def mad(metrics: dict[str, float], recipe: str) -> float:
 
 
 class CategoryMetrics:
-    """Accumulates one category's predictions batch by batch and computes its metrics once."""
+    """Accumulates one category's predictions batch by batch and computes its metrics once.
 
-    def __init__(self, pixel: bool = True, aupro: str = "exact", fpr_limit: float = 0.3) -> None:
-        if aupro != "exact":
-            raise NotImplementedError(f"AUPRO variant {aupro!r} is not available in the interim engine")
+    ``aupro`` picks the AUPRO implementation ("exact", the default, or "step200" for paper comparison) and
+    ``fpr_limit`` its integration limit; :attr:`tags` names the implementation behind every reported value.
+    ``category`` only names the category in warnings and errors.
+    """
+
+    def __init__(self, pixel: bool = True, aupro: str = "exact", fpr_limit: float = 0.3,
+                 category: str | None = None) -> None:
+        _check_aupro_options(aupro, fpr_limit)
         self.pixel = pixel
+        self.aupro = aupro
         self.fpr_limit = fpr_limit
-        self.tags = dict(IMPLEMENTATION_TAGS)
+        self.category = category
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
-        self._maps: list[np.ndarray] = []
-        self._masks: list[np.ndarray] = []
+        self._pixels = PixelAccumulator()
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Returns the implementation tag of every metric that :meth:`compute` reports."""
+        return {**IMPLEMENTATION_TAGS, "pixel_aupro": aupro_tag(self.aupro, self.fpr_limit)}
+
+    @property
+    def nbytes(self) -> int:
+        """Returns the bytes the accumulated pixel scores occupy."""
+        return self._pixels.nbytes
 
     def update(self, image_scores: np.ndarray, labels: np.ndarray, anomaly_maps: Sequence[np.ndarray] | None = None,
                masks: Sequence[np.ndarray] | None = None) -> None:
         """Adds a batch: image scores (B,), labels (B,), and when pixel-level, maps and boolean masks (each H, W)."""
-        self._scores.append(np.asarray(image_scores, np.float64).ravel())
-        self._labels.append(np.asarray(labels).ravel().astype(bool))
+        where = f"category {self.category!r}" if self.category else "batch"
+        scores = _as_scores(np.ravel(image_scores), f"{where}: image scores")
+        labels = _as_labels(np.ravel(labels), f"{where}: labels")
+        if len(scores) != len(labels):
+            raise ValueError(f"{where}: {len(scores)} image scores but {len(labels)} labels")
         if self.pixel:
             if anomaly_maps is None or masks is None:
-                raise ValueError("pixel-level metrics need anomaly maps and masks for every batch")
+                raise ValueError(f"{where}: pixel-level metrics need anomaly maps and masks for every batch")
+            if not len(anomaly_maps) == len(masks) == len(scores):
+                raise ValueError(f"{where}: {len(scores)} image scores, {len(anomaly_maps)} anomaly maps and "
+                                 f"{len(masks)} masks in one batch")
             for amap, mask in zip(anomaly_maps, masks):
-                amap, mask = np.asarray(amap, np.float32), np.asarray(mask, bool)
-                if amap.shape != mask.shape:
-                    raise ValueError(f"anomaly map {amap.shape} and mask {mask.shape} differ in size")
-                self._maps.append(amap)
-                self._masks.append(mask)
+                self._pixels.add(amap, mask, f"{where}: anomaly map {self._pixels.n_images}")
+        self._scores.append(scores)
+        self._labels.append(labels)
 
     def compute(self) -> dict[str, float]:
         """Returns every metric of :data:`METRIC_NAMES` (pixel ones NaN when not pixel-level) plus the mAD recipes."""
-        scores, labels = np.concatenate(self._scores), np.concatenate(self._labels)
-        out = {"image_auroc": auroc(scores, labels), "image_ap": average_precision(scores, labels),
-               "image_f1max": f1_max(scores, labels)}
-        if self.pixel and self._maps:
-            px = np.concatenate([m.ravel() for m in self._maps])
-            gt = np.concatenate([m.ravel() for m in self._masks])
-            out |= {"pixel_auroc": auroc(px, gt), "pixel_ap": average_precision(px, gt),
-                    "pixel_f1max": f1_max(px, gt), "pixel_aupro": aupro(self._maps, self._masks, self.fpr_limit)}
+        where = f"category {self.category!r}" if self.category else None
+        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+        labels = np.concatenate(self._labels) if self._labels else np.zeros(0, bool)
+        runs = _positive_runs(np.sort(scores[~labels]), np.sort(scores[labels]))[0]
+        out = {"image_auroc": _auroc(runs, where, "image "), "image_ap": _average_precision(runs, where, "image "),
+               "image_f1max": _f1_max(runs, where, "image ")}
+        if self.pixel:
+            out |= self._pixels.compute(self.aupro, self.fpr_limit, where)
         else:
             out |= dict.fromkeys(PIXEL_METRICS, math.nan)
         for recipe in MAD_RECIPES:
