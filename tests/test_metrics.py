@@ -394,6 +394,19 @@ def test_streaming_is_independent_of_batching_and_compute_is_repeatable():
     assert many.compute() == together.compute()
 
 
+def test_store_split_over_many_blocks_gives_the_same_result(monkeypatch):
+    from zsadbench.metrics import _Blocks
+
+    rng = np.random.default_rng(9)
+    maps, masks = random_category(rng, SIZES)
+    reference = category_metrics(maps, masks).compute()
+    monkeypatch.setattr(_Blocks, "FIRST_BLOCK", 700)
+    monkeypatch.setattr(_Blocks, "BLOCK", 333)  # images straddle blocks
+    split = category_metrics(maps, masks)
+    assert len(split._pixels._scores._blocks) > 5
+    assert split.compute() == reference
+
+
 def test_float64_maps_are_not_narrowed():
     # Two scores distinct in float64 but equal in float32: a cast would tie them and move the AUROC to 0.5.
     base = np.float64(0.1)

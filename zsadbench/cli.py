@@ -86,6 +86,38 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
     return handle
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("evaluate", help="score anomaly maps written by any tool (MVTec AD evaluation layout)",
+                       description="Score anomaly maps stored as DIR/<category>/test/<defect>/<image stem>.tiff "
+                                   "(float, any size: resized to the mask) with zsadbench's metric engine. Image "
+                                   "score = map max unless DIR/<category>/scores.csv (columns image,score) gives one.")
+    p.add_argument("--anomaly-maps", required=True, metavar="DIR", help="folder of the maps")
+    p.add_argument("--dataset", required=True, help="registered dataset name (see `zsadbench datasets`)")
+    p.add_argument("--data-root", help="the dataset's folder (masks and labels are read from it)")
+    p.add_argument("--categories", type=_csv_list, help="comma-separated subset of categories")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a loader option, e.g. image_size=64 for the synthetic benchmark; repeatable")
+    p.add_argument("--aupro", choices=("exact", "step200"), default="exact",
+                   help="AUPRO implementation; step200 is the AnomalyCLIP/MuSc variant, for paper comparison")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON to FILE")
+
+    def handle(args: argparse.Namespace) -> int:
+        import zsadbench
+        from zsadbench.evaluate_maps import SETTINGS, evaluate_anomaly_maps
+        from zsadbench.runner import format_table, write_json
+
+        dataset = zsadbench.load_dataset(args.dataset, args.data_root, **parse_assignments(args.dataset_option))
+        result = evaluate_anomaly_maps(args.anomaly_maps, dataset, args.categories, aupro=args.aupro)
+        print(format_table(result))
+        if args.json_path:
+            write_json(result, args.json_path, {"tags": {c: r.tags for c, r in result.categories.items()},
+                                                "settings": SETTINGS})
+            print(f"\nmetrics written to {args.json_path}")
+        return 0
+
+    return handle
+
+
 def _add_methods(sub: argparse._SubParsersAction) -> Handler:
     sub.add_parser("methods", help="list registered methods")
 
@@ -175,8 +207,8 @@ def _add_check(sub: argparse._SubParsersAction) -> Handler:
     return handle
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_run, _add_methods, _add_datasets,
-                                                                   _add_leaderboard, _add_check]
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_run, _add_evaluate, _add_methods,
+                                                                   _add_datasets, _add_leaderboard, _add_check]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -11,15 +11,16 @@ transforms of the scores and is never the default.
 How it stays exact and fast (a category can hold several hundred million pixels):
 
 - Every curve point that can change a metric sits at a distinct *positive* score. For those (typically ~1 % of the
-  pixels) the engine needs the number of negatives at or above the score, which a binary search in the sorted
-  negative scores gives. Negatives therefore only need their values in order: one values-only sort (no argsort,
-  no index arrays) of the float32 scores as stored, and nothing else per negative pixel.
+  pixels) the engine needs the number of negatives below and tied with the score, which binary searches in the
+  sorted scores give (negatives = all scores minus positives). Negatives therefore only need their values in order:
+  one values-only sort (no argsort, no index arrays) of the scores as stored, and nothing else per negative pixel.
+  AUPRO is then integrated in closed form over the pieces between positive scores (see :func:`_aupro_exact`).
 - Counts are int64 and the AUROC numerator is an integer (Mann-Whitney U doubled), so nothing stops counting at
   2^24 the way float32 running sums do; PRO sums are float64.
-- :class:`CategoryMetrics` keeps, per image, the negative pixels' scores (one copy of the map's bytes) and the
-  positive pixels' scores with their component ids; maps and masks are not kept. ``compute`` gathers the negatives
-  into one array chunk by chunk (freeing each chunk as it goes) and sorts it in place, so peak memory stays close to
-  one copy of the category's scores.
+- :class:`CategoryMetrics` keeps one copy of each map's scores (4 bytes per pixel for float32, appended to address
+  space reserved up front, so nothing is reallocated) and the positive pixels' scores with their component ids;
+  masks are not kept. ``compute`` sorts the stored scores in place, so peak memory stays close to one copy of the
+  category's scores.
 
 Scores are compared in the dtype they arrive in (float32 maps stay float32; a float64 map makes the category
 float64, never the other way round), so no two distinct scores are ever merged by a cast.
@@ -28,6 +29,8 @@ float64, never the other way round), so no two distinct scores are ever merged b
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,22 +103,31 @@ class _PositiveRuns:
     n_neg: int
 
 
-def _positive_runs(neg_sorted: np.ndarray, pos_sorted: np.ndarray) -> tuple[_PositiveRuns, np.ndarray]:
+def _positive_runs(others_sorted: np.ndarray, pos_sorted: np.ndarray, others_include_positives: bool = False,
+                   ) -> tuple[_PositiveRuns, np.ndarray]:
     """Returns the runs of equal positive scores (descending) and the start index of each run in ``pos_sorted``.
 
-    ``neg_sorted`` and ``pos_sorted`` are ascending and of the same dtype.
+    ``others_sorted`` holds the negatives' scores, or every score when ``others_include_positives`` (the negatives
+    are then counted as all minus positives); both arrays are ascending and of the same dtype.
     """
-    n_pos, n_neg = len(pos_sorted), len(neg_sorted)
+    n_pos, n_others = len(pos_sorted), len(others_sorted)
+    own = n_pos if others_include_positives else 0
     starts = np.flatnonzero(np.r_[True, pos_sorted[1:] != pos_sorted[:-1]]) if n_pos else np.zeros(0, np.int64)
     values = pos_sorted[starts]
     counts = np.diff(np.r_[starts, n_pos]).astype(np.int64)
-    below = np.searchsorted(neg_sorted, values, side="left").astype(np.int64)
-    # Exact ties between a positive and a negative score are rare in real maps: look those up only.
-    equal = np.zeros(len(values), np.int64)
-    probe = np.minimum(below, max(n_neg - 1, 0))
-    tied = np.flatnonzero((below < n_neg) & (neg_sorted[probe] == values)) if n_neg else np.zeros(0, np.int64)
+    below = np.searchsorted(others_sorted, values, side="left").astype(np.int64)
+    # Past a run's own copies (when included) the next score differs unless a negative ties with it; such ties
+    # are rare in real maps, so only those are looked up.
+    after_own = below + counts if own else below
+    equal = counts.copy() if own else np.zeros(len(values), np.int64)
+    probe = np.minimum(after_own, max(n_others - 1, 0))
+    tied = np.flatnonzero((after_own < n_others) & (others_sorted[probe] == values)) if n_others else probe[:0]
     if len(tied):
-        equal[tied] = np.searchsorted(neg_sorted, values[tied], side="right") - below[tied]
+        equal[tied] = np.searchsorted(others_sorted, values[tied], side="right") - below[tied]
+    if own:
+        below -= starts  # positives below each run
+        equal -= counts
+    n_neg = n_others - own
     runs = _PositiveRuns(values[::-1], counts[::-1], (n_neg - below)[::-1], equal[::-1], n_pos, n_neg)
     return runs, starts
 
@@ -228,13 +240,14 @@ def _aupro_exact(runs: _PositiveRuns, run_pro: np.ndarray, n_regions: int, fpr_l
     return area / fpr_limit
 
 
-def _aupro_step200(neg_sorted: np.ndarray, pos_sorted: np.ndarray, pos_weight_sorted: np.ndarray, n_regions: int,
+def _aupro_step200(all_sorted: np.ndarray, pos_sorted: np.ndarray, pos_weight_sorted: np.ndarray, n_regions: int,
                    fpr_limit: float, where: str | None, steps: int = 200) -> float:
-    """Returns the cflow / AnomalyCLIP / MuSc PRO score (``steps`` thresholds, FPR < limit rescaled to [0, 1])."""
-    dtype = neg_sorted.dtype
-    lowest = min(neg_sorted[0], pos_sorted[0]) if len(pos_sorted) else neg_sorted[0]
-    highest = max(neg_sorted[-1], pos_sorted[-1]) if len(pos_sorted) else neg_sorted[-1]
-    lowest, highest = dtype.type(lowest), dtype.type(highest)
+    """Returns the cflow / AnomalyCLIP / MuSc PRO score (``steps`` thresholds, FPR < limit rescaled to [0, 1]).
+
+    ``all_sorted`` holds every pixel's score (negatives and positives), ascending.
+    """
+    dtype = all_sorted.dtype
+    lowest, highest = all_sorted[0], all_sorted[-1]
     # The reference computes its thresholds with np.arange on scalars of the maps' dtype; so does this.
     with np.errstate(all="ignore"):
         delta = (highest - lowest) / steps
@@ -252,8 +265,11 @@ def _aupro_step200(neg_sorted: np.ndarray, pos_sorted: np.ndarray, pos_weight_so
         thresholds = rounded
     # PRO(th) = mean over regions of the fraction of the region above th = (sum over pixels > th of 1/|C|) / K
     above_weight = np.r_[np.cumsum(pos_weight_sorted[::-1])[::-1], 0.0]
-    pros = above_weight[np.searchsorted(pos_sorted, thresholds, side="right")] / n_regions
-    fprs = (len(neg_sorted) - np.searchsorted(neg_sorted, thresholds, side="right")) / len(neg_sorted)
+    pos_at_or_below = np.searchsorted(pos_sorted, thresholds, side="right")
+    pros = above_weight[pos_at_or_below] / n_regions
+    n_neg = len(all_sorted) - len(pos_sorted)
+    neg_above = n_neg - (np.searchsorted(all_sorted, thresholds, side="right") - pos_at_or_below)
+    fprs = neg_above / n_neg
     keep = fprs < fpr_limit
     fprs, pros = fprs[keep], pros[keep]
     if len(fprs) < 2 or fprs.max() == fprs.min():
@@ -268,15 +284,41 @@ def _aupro_step200(neg_sorted: np.ndarray, pos_sorted: np.ndarray, pos_weight_so
 # Streaming accumulation of one category's pixels
 # --------------------------------------------------------------------------------------------------------------------
 
-class _Blocks:
-    """A growable 1-D store of scores in fixed-size blocks.
+def _allocate(length: int, dtype: np.dtype) -> np.ndarray:
+    """Returns an uninitialised 1-D array whose pages become resident only when written and go back when freed.
 
-    Blocks are large enough that the C allocator maps each one separately (pages become resident only when written,
-    and a freed block goes straight back to the OS), so the store never reallocates or copies while it grows, and
-    gathering it into one array holds at most one extra block at a time.
+    A private anonymous mapping of its own (not numpy's allocator): no transparent-huge-page advice, whose page
+    compaction can stall the first write of fresh memory for seconds, and no dependence on the C allocator's
+    thresholds for returning freed memory to the OS.
+    """
+    nbytes = max(length, 1) * dtype.itemsize
+    flags = getattr(mmap, "MAP_PRIVATE", None)
+    if flags is not None:
+        try:
+            return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype, count=length)
+        except (OSError, ValueError, OverflowError):
+            pass
+    return np.empty(length, dtype)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
+class _Blocks:
+    """A growable 1-D store of scores that never reallocates.
+
+    The first block reserves address space for up to 2^29 values (at most half the physical memory): pages are backed
+    only as they are written, so it costs no memory beyond what is stored, and a category of up to 537 M pixels ends
+    in one array that is sorted in place, with no gathering copy. Further blocks hold larger categories; gathering
+    them copies block by block, freeing each as it goes.
     """
 
-    BLOCK = 1 << 23  # elements: 32 MiB of float32, the largest dynamic mmap threshold of glibc (so always mapped)
+    FIRST_BLOCK = 1 << 29  # elements of address space reserved up front
+    BLOCK = 1 << 23  # elements per further block
 
     def __init__(self) -> None:
         self._blocks: list[np.ndarray] = []
@@ -296,7 +338,9 @@ class _Blocks:
             if not self._blocks or self._used == len(self._blocks[-1]) or self._blocks[-1].dtype != values.dtype:
                 if self._blocks:
                     self._blocks[-1] = self._blocks[-1][:self._used]
-                self._blocks.append(np.empty(self.BLOCK, values.dtype))
+                first = min(self.FIRST_BLOCK, _physical_memory() // 2 // values.dtype.itemsize)
+                size = first if not self._blocks else self.BLOCK
+                self._blocks.append(_allocate(max(size, len(values)), values.dtype))
                 self._used = 0
             block = self._blocks[-1]
             take = min(len(values), len(block) - self._used)
@@ -311,7 +355,7 @@ class _Blocks:
         if len(self._blocks) == 1 and self._blocks[0].dtype == dtype:
             out = self._blocks.pop()
         else:
-            out = np.empty(sum(len(b) for b in self._blocks), dtype)
+            out = _allocate(sum(len(b) for b in self._blocks), dtype)
             offset = 0
             while self._blocks:  # order is irrelevant (the caller sorts); last first lets each block go at once
                 block = self._blocks.pop()
@@ -329,10 +373,14 @@ class _Blocks:
 
 
 class PixelAccumulator:
-    """Keeps one category's pixel scores compactly: negatives' values, positives' values with their component ids."""
+    """Keeps one category's pixel scores compactly: every score once, and the positives' scores with component ids.
+
+    The negatives are never separated: counts of negatives are counts of all scores minus counts of positives, so an
+    image costs one contiguous copy of its map plus its (few) positive pixels.
+    """
 
     def __init__(self) -> None:
-        self._negatives = _Blocks()
+        self._scores = _Blocks()
         self._positives: list[np.ndarray] = []
         self._positive_regions: list[np.ndarray] = []
         self._region_areas: list[np.ndarray] = []
@@ -347,15 +395,19 @@ class PixelAccumulator:
             raise ValueError(f"{what} has shape {scores.shape} but its mask has shape {mask.shape}; "
                              "both must be the same (H, W)")
         self.n_images += 1
+        self._scores.append(scores.ravel())
         if not mask.any():
-            self._negatives.append(scores.ravel())
             return
-        regions, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        # Components are labelled inside the mask's bounding box only (defects are small); row-major order is kept,
+        # so the positives' scores and their component ids line up.
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        regions, count = ndimage.label(mask[box], structure=_EIGHT_CONNECTED)
         if self.n_regions + count >= np.iinfo(np.int32).max:
             raise ValueError("more than 2^31 ground-truth regions in one category")
-        self._negatives.append(scores[~mask])
-        self._positives.append(scores[mask])
-        ids = regions[mask]
+        inside = mask[box]
+        self._positives.append(scores[box][inside])
+        ids = regions[inside]
         self._region_areas.append(np.bincount(ids, minlength=count + 1)[1:].astype(np.int64))
         ids += self.n_regions - 1  # global, 0-based component ids
         self._positive_regions.append(ids.astype(np.int32, copy=False))
@@ -364,33 +416,33 @@ class PixelAccumulator:
     @property
     def nbytes(self) -> int:
         """Returns the bytes held by the stored scores and component ids."""
-        return self._negatives.nbytes + sum(a.nbytes for part in (self._positives, self._positive_regions,
+        return self._scores.nbytes + sum(a.nbytes for part in (self._positives, self._positive_regions,
                                                                    self._region_areas) for a in part)
 
     def sorted_scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Returns the negatives' scores ascending, the positives' scores ascending and their 1/|C| weights.
+        """Returns all scores ascending, the positives' scores ascending and their 1/|C| weights.
 
-        The negatives are gathered into one array and sorted in place (values only: no argsort, no index array);
-        the sorted array stays the store, so a later ``add`` and another call still work.
+        The scores are gathered into one array and sorted in place (values only: no argsort, no index array); the
+        sorted array stays the store, so a later ``add`` and another call still work.
         """
-        dtypes = self._negatives.dtypes + [a.dtype for a in self._positives]
+        dtypes = self._scores.dtypes
         dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
-        negatives = self._negatives.gather(dtype)
-        negatives.sort()
+        scores = self._scores.gather(dtype)
+        scores.sort()
         if not self._positives:
-            return negatives, np.zeros(0, dtype), np.zeros(0)
+            return scores, np.zeros(0, dtype), np.zeros(0)
         positives = np.concatenate(self._positives).astype(dtype, copy=False)
         regions = np.concatenate(self._positive_regions)
         areas = np.concatenate(self._region_areas)
         self._positives, self._positive_regions, self._region_areas = [positives], [regions], [areas]
-        order = np.argsort(positives, kind="stable")  # positives are few (~1 % of the pixels)
+        order = np.argsort(positives)  # positives are few (~1 % of the pixels); ties are summed, so any order works
         weights = (1.0 / areas)[regions[order]]
-        return negatives, positives[order], weights
+        return scores, positives[order], weights
 
     def compute(self, aupro: str = "exact", fpr_limit: float = 0.3, where: str | None = None) -> dict[str, float]:
         """Returns pixel AUROC, AP, F1-max and AUPRO (NaN with a warning where undefined)."""
-        negatives, positives, weights = self.sorted_scores()
-        runs, starts = _positive_runs(negatives, positives)
+        scores, positives, weights = self.sorted_scores()
+        runs, starts = _positive_runs(scores, positives, others_include_positives=True)
         out = {"pixel_auroc": _auroc(runs, where, "pixel "), "pixel_ap": _average_precision(runs, where, "pixel "),
                "pixel_f1max": _f1_max(runs, where, "pixel ")}
         if self.n_regions == 0 or runs.n_neg == 0:
@@ -401,7 +453,7 @@ class PixelAccumulator:
             run_pro = np.add.reduceat(weights, starts)[::-1] if len(starts) else np.zeros(0)
             out["pixel_aupro"] = _aupro_exact(runs, run_pro, self.n_regions, fpr_limit)
         else:
-            out["pixel_aupro"] = _aupro_step200(negatives, positives, weights, self.n_regions, fpr_limit, where)
+            out["pixel_aupro"] = _aupro_step200(scores, positives, weights, self.n_regions, fpr_limit, where)
         return out
 
 
@@ -424,14 +476,14 @@ def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: fl
     accumulator = PixelAccumulator()
     for i, (amap, mask) in enumerate(zip(maps, masks)):
         accumulator.add(amap, mask, f"anomaly map {i}")
-    negatives, positives, weights = accumulator.sorted_scores()
-    if accumulator.n_regions == 0 or len(negatives) == 0:
+    scores, positives, weights = accumulator.sorted_scores()
+    if accumulator.n_regions == 0 or len(scores) == len(positives):
         _warn(f"AUPRO undefined: {'no defect regions' if accumulator.n_regions == 0 else 'no negative pixels'}",
               None)
         return math.nan
     if variant == "step200":
-        return _aupro_step200(negatives, positives, weights, accumulator.n_regions, fpr_limit, None)
-    runs, starts = _positive_runs(negatives, positives)
+        return _aupro_step200(scores, positives, weights, accumulator.n_regions, fpr_limit, None)
+    runs, starts = _positive_runs(scores, positives, others_include_positives=True)
     return _aupro_exact(runs, np.add.reduceat(weights, starts)[::-1], accumulator.n_regions, fpr_limit)
 
 
