@@ -269,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['regions']} regions; input {_mib(first['input_bytes'])} (float32 maps + bool masks)")
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     peak = {name: max(r["peak_rss"] for r in rs) for name, rs in runs.items()}
-    print(f"\n{'contender':17s} {'median s':>9s} {'runs':>5s} {'peak RSS':>11s} {'peak/input':>10s}  values")
+    own = {name: max(r["peak_rss"] - r["rss_input"] for r in rs) for name, rs in runs.items()}
+    print(f"\n{'contender':15s} {'median s':>9s} {'runs':>4s} {'peak RSS':>10s} {'peak/input':>10s} "
+          f"{'above input':>11s}  values")
     for name, rs in runs.items():
         values = ", ".join(f"{k.removeprefix('pixel_')}={v:.12f}" for k, v in rs[0]["values"].items())
-        print(f"{name:17s} {median[name]:9.2f} {len(rs):5d} {_mib(peak[name]):>11s} "
-              f"{peak[name] / first['input_bytes']:10.2f}  {values}")
+        print(f"{name:15s} {median[name]:9.2f} {len(rs):4d} {_mib(peak[name]):>10s} "
+              f"{peak[name] / first['input_bytes']:10.2f} {_mib(own[name]):>11s}  {values}")
+    print("(peak RSS: the process's VmHWM, input included; above input: peak minus the RSS once the input was built)")
 
     engine_values = first["values"]
     print(f"\nengine / sort_floor: {median['engine'] / median['sort_floor']:.2f}x (target <= 5x)")

@@ -338,15 +338,22 @@ class _Blocks:
             if not self._blocks or self._used == len(self._blocks[-1]) or self._blocks[-1].dtype != values.dtype:
                 if self._blocks:
                     self._blocks[-1] = self._blocks[-1][:self._used]
-                first = min(self.FIRST_BLOCK, _physical_memory() // 2 // values.dtype.itemsize)
-                size = first if not self._blocks else self.BLOCK
-                self._blocks.append(_allocate(max(size, len(values)), values.dtype))
+                self._blocks.append(self._new_block(values.dtype, len(values)))
                 self._used = 0
             block = self._blocks[-1]
             take = min(len(values), len(block) - self._used)
             block[self._used:self._used + take] = values[:take]
             self._used += take
             values = values[take:]
+
+    def _new_block(self, dtype: np.dtype, needed: int) -> np.ndarray:
+        if not self._blocks:
+            try:
+                first = min(self.FIRST_BLOCK, _physical_memory() // 2 // dtype.itemsize)
+                return _allocate(max(first, needed), dtype)
+            except MemoryError:  # no address space to spare (e.g. a commit limit): small blocks only
+                pass
+        return _allocate(max(self.BLOCK, needed), dtype)
 
     def gather(self, dtype: np.dtype) -> np.ndarray:
         """Returns every stored value in one array of ``dtype`` (freeing the blocks as they are copied)."""
