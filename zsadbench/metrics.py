@@ -82,7 +82,7 @@ def _score_dtype(dtype: np.dtype) -> np.dtype:
 def _as_scores(values: object, what: str) -> np.ndarray:
     array = np.asarray(values)
     array = array.astype(_score_dtype(array.dtype), copy=False)
-    if array.dtype.kind == "f" and np.isnan(array).any():
+    if array.dtype.kind == "f" and array.size and np.isnan(array.max()):  # max propagates NaN, with no temporary
         raise ValueError(f"{what} contain NaN")
     return array
 
@@ -134,15 +134,16 @@ def _positive_runs(others_sorted: np.ndarray, pos_sorted: np.ndarray, others_inc
 
 def _auroc(runs: _PositiveRuns, where: str | None, level: str = "") -> float:
     if runs.n_pos == 0 or runs.n_neg == 0:
-        _warn(f"{level}AUROC undefined: only {'negative' if runs.n_neg else 'positive'} samples", where)
+        present = "no" if runs.n_pos == runs.n_neg == 0 else "only negative" if runs.n_neg else "only positive"
+        _warn(f"{level}AUROC undefined: {present} samples", where)
         return math.nan
     below = runs.n_neg - runs.neg_at_or_above
-    # 2U = sum over positives of (2 * #negatives below + #negatives tied): an exact integer.
-    twice_u_terms = runs.counts * (2 * below + runs.neg_equal)
+    # 2U = sum over positives of (2 * #negatives below + #negatives tied): an exact integer while 2PN < 2^62.
     if 2 * runs.n_pos * runs.n_neg < 2 ** 62:
-        twice_u = int(twice_u_terms.sum())
+        twice_u = int(np.sum(runs.counts * (2 * below + runs.neg_equal)))
         return float(twice_u / (2 * runs.n_pos * runs.n_neg))
-    return math.fsum(twice_u_terms.astype(np.float64)) / (2.0 * runs.n_pos * runs.n_neg)
+    terms = runs.counts.astype(np.float64) * (2 * below + runs.neg_equal).astype(np.float64)
+    return math.fsum(terms) / (2.0 * runs.n_pos * runs.n_neg)
 
 
 def _precision_recall(runs: _PositiveRuns) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +245,10 @@ def _aupro_step200(all_sorted: np.ndarray, pos_sorted: np.ndarray, pos_weight_so
                    fpr_limit: float, where: str | None, steps: int = 200) -> float:
     """Returns the cflow / AnomalyCLIP / MuSc PRO score (``steps`` thresholds, FPR < limit rescaled to [0, 1]).
 
-    ``all_sorted`` holds every pixel's score (negatives and positives), ascending.
+    ``all_sorted`` holds every pixel's score (negatives and positives), ascending. Thresholds and comparisons are
+    those of the reference code run under NumPy 2 (step in the maps' dtype, float64 thresholds and comparisons).
+    Under NumPy 1, which the papers' runs used, the step was float64 and ``maps > th`` compared in float32; that can
+    move pixels lying within a float32 rounding of a threshold, a difference far below the variant's own bias.
     """
     dtype = all_sorted.dtype
     lowest, highest = all_sorted[0], all_sorted[-1]
