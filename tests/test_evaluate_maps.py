@@ -120,6 +120,14 @@ def test_step200_and_image_level_categories(tmp_path):
     metrics = result.categories["widget"].metrics
     assert metrics["image_auroc"] == pytest.approx(expected(truth, dataset, "widget")["image_auroc"])
     assert math.isnan(metrics["pixel_auroc"]) and math.isnan(metrics["mad_all7"])
+    # ... and with a scores.csv it needs no maps at all.
+    samples = image_level.test("widget")
+    lines = ["image,score"] + [f"{s.defect_type}/{s.image_path.stem},{s.label}" for s in samples]
+    (tmp_path / "maps" / "widget" / "scores.csv").write_text("\n".join(lines))
+    for tiff in (tmp_path / "maps" / "widget").rglob("*.tiff"):
+        tiff.unlink()
+    result = evaluate_anomaly_maps(tmp_path / "maps", image_level, ["widget"], progress=False)
+    assert result.categories["widget"].metrics["image_auroc"] == 1.0
 
 
 def test_bad_inputs_name_the_file(tmp_path):

@@ -116,12 +116,10 @@ def evaluate_category_maps(maps_dir: str | Path, dataset: Dataset, category: str
     metrics = CategoryMetrics(pixel=pixel, aupro=aupro, fpr_limit=fpr_limit, category=category)
     image_scores: list[float] = []
     for sample in tqdm(samples, desc=f"  {category}", unit="img", leave=False, disable=not progress):
-        amap = None
-        if pixel or Path(sample.image_path) not in given:
-            amap = read_map(map_path(maps_dir, sample))
         score = given.get(Path(sample.image_path))
-        if score is None:
-            score = float(amap.max())
+        if pixel or score is None:  # an image-level category with scores.csv needs no maps
+            amap = read_map(map_path(maps_dir, sample))
+            score = float(amap.max()) if score is None else score
         image_scores.append(score)
         if pixel:
             mask = read_mask(sample)
