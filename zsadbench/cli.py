@@ -110,8 +110,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Handler:
         result = evaluate_anomaly_maps(args.anomaly_maps, dataset, args.categories, aupro=args.aupro)
         print(format_table(result))
         if args.json_path:
-            write_json(result, args.json_path, {"tags": {c: r.tags for c, r in result.categories.items()},
-                                                "settings": SETTINGS})
+            write_json(result, args.json_path, {"settings": SETTINGS})
             print(f"\nmetrics written to {args.json_path}")
         return 0
 

@@ -185,7 +185,7 @@ def evaluate_category(detector: Detector, dataset: Dataset, category: str, optio
         detector.set_reference(load_images(chosen, detector.transform).to(detector.device), category)
         references = [str(s.image_path) for s in chosen]
 
-    accumulator = CategoryMetrics(pixel=pixel, aupro=options.aupro)
+    accumulator = CategoryMetrics(pixel=pixel, aupro=options.aupro, category=category)
     scores_all: list[float] = []
     overlays: list[Overlay] = []
 

@@ -74,15 +74,16 @@ def format_table(result: EvaluationResult) -> str:
 
 
 def write_json(result: EvaluationResult, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Writes {"categories": {...}, "mean": {...}} (plus ``extra`` keys) to ``path``."""
+    """Writes {"categories": {...}, "mean": {...}, "tags": {category: {metric: implementation}}} (plus ``extra``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**result.to_json(), **(extra or {})}, indent=2))
+    tags = {c: r.tags for c, r in result.categories.items()}
+    path.write_text(json.dumps({**result.to_json(), "tags": tags, **(extra or {})}, indent=2))
     return path
 
 
 def _write_outputs(run_dir: Path, result: EvaluationResult, config: dict[str, Any], dataset: str) -> None:
-    write_json(result, run_dir / "results.json", {"tags": {c: r.tags for c, r in result.categories.items()}})
+    write_json(result, run_dir / "results.json")
     result.table().to_csv(run_dir / "metrics.csv", index_label="category")
     rows = [{"category": c, "image": p, "label": y, "score": s}
             for c, r in result.categories.items() for p, y, s in zip(r.image_paths, r.labels, r.image_scores)]
