@@ -1,0 +1,111 @@
+"""Throughput of zsadbench's WinCLIP against anomalib's WinCLIP torch model (same process, weights, inputs; CPU).
+
+    python benchmarks/bench_winclip.py [--repeats 5] [--batch 2] [--threads 2]
+
+Both models get the same full-size ViT-B-16-plus-240 random weights (240 px) and the same preprocessed batch; text
+embeddings are computed before timing (both cache them per class). anomalib runs with the batch-first window fix of
+specs/winclip.md §4.1 (without it its windows are wrong, and slower). Timed forwards alternate between the two models
+so that load from other processes hits both alike; medians are reported, with the load average. Target: ratio >= 1.
+Without anomalib installed only zsadbench's throughput is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+
+def parse_args() -> argparse.Namespace:
+    """Returns the command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per model (after one warm-up)")
+    parser.add_argument("--batch", type=int, default=2, help="images per forward")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--model", default="ViT-B-16-plus-240", help="architecture (default: the full-size one)")
+    parser.add_argument("--image-size", type=int, default=240)
+    return parser.parse_args()
+
+
+def anomalib_model(arch: str, state: dict, class_name: str):  # noqa: ANN201 - anomalib's WinClipModel
+    """Returns anomalib's WinClipModel on ``arch`` with ``state`` loaded and the batch-first window fix, or None."""
+    try:
+        from anomalib.models.image.winclip import torch_model
+    except ImportError:
+        return None
+    saved = torch_model.BACKBONE, torch_model.PRETRAINED
+    torch_model.BACKBONE, torch_model.PRETRAINED = arch, None  # build only; weights come from ``state``
+    try:
+        model = torch_model.WinClipModel()
+    finally:
+        torch_model.BACKBONE, torch_model.PRETRAINED = saved
+    model.clip.load_state_dict(state, strict=True)
+    transformer = model.clip.visual.transformer
+    window_embeddings = model._get_window_embeddings
+
+    def fixed(feature_map, masks):  # anomalib feeds (L, N, D): right for open_clip < 2.26 only
+        if not getattr(transformer, "batch_first", False):
+            return window_embeddings(feature_map, masks)
+        transformer.batch_first = False
+        try:
+            return window_embeddings(feature_map, masks)
+        finally:
+            transformer.batch_first = True
+
+    model._get_window_embeddings = fixed
+    model.setup(class_name)
+    return model.eval()
+
+
+def main() -> None:
+    """Runs the benchmark and prints medians and the throughput ratio."""
+    args = parse_args()
+    import torch
+    from zsadbench.methods.winclip import WinClip
+
+    from zsadbench.clip.testing import synthetic_images
+
+    torch.set_num_threads(args.threads)
+    class_name = "metal_nut"
+    ours = WinClip(model=args.model, pretrained="random", image_size=args.image_size, seed=0)
+    theirs = anomalib_model(args.model, ours.clip.state_dict(), class_name)
+    images = torch.stack([ours.transform(im) for im in synthetic_images(args.batch, seed=0, anomalous=(1,))])
+
+    def run_ours() -> torch.Tensor:
+        return ours.predict(images, class_name).anomaly_maps
+
+    def run_theirs() -> torch.Tensor:
+        with torch.no_grad():
+            return theirs(images).anomaly_map
+
+    runners = {"zsadbench": run_ours} | ({"anomalib": run_theirs} if theirs is not None else {})
+    outputs = {name: run() for name, run in runners.items()}  # warm-up (and text embeddings for zsadbench)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    load_before = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    load_after = os.getloadavg()[0]
+
+    print(f"WinCLIP zero-shot forward, {args.model} @ {args.image_size}px, batch {args.batch}, "
+          f"{args.threads} threads, {args.repeats} timed forwards each "
+          f"(1-min load average {load_before:.2f} -> {load_after:.2f})")
+    rates = {}
+    for name, values in times.items():
+        median = statistics.median(values)
+        rates[name] = args.batch / median
+        print(f"  {name:10s} median {median:7.3f} s/forward  {rates[name]:6.3f} images/s  "
+              f"(all: {', '.join(f'{v:.2f}' for v in values)})")
+    if theirs is None:
+        print("  anomalib is not installed: no reference throughput (pip install anomalib in this environment)")
+        return
+    diff = (outputs["zsadbench"] - outputs["anomalib"]).abs().max().item()
+    print(f"  max |map difference| = {diff:.2e}")
+    print(f"  ratio zsadbench / anomalib images/s = {rates['zsadbench'] / rates['anomalib']:.2f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

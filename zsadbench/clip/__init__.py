@@ -1,0 +1,1 @@
+"""Shared CLIP machinery: loading (open_clip), attention steps, vision taps, window embeddings, text encoding."""
