@@ -22,7 +22,6 @@ px runs OpenAI weights with exact GELU on purpose).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -89,35 +88,10 @@ class ClipBackbone:
         """Returns the patch grid (rows, columns) at the loaded image size."""
         return tuple(self.model.visual.grid_size)  # type: ignore[return-value]
 
-    def weights_id(self) -> str:
-        """Returns what identifies the weights in run records: the tag, ``random(seed=S)`` or ``sha256:<hex>``."""
-        if self.weights_source == "random":
-            return f"random(seed={self.seed})"
-        if self.weights_source == "tag":
-            return self.pretrained
-        return "sha256:" + file_sha256(self.weights_file or self.pretrained)
-
     def describe(self) -> dict[str, str | int | bool]:
-        """Returns the backbone facts tracking records (architecture, weights id, activation, pos-embed mode)."""
-        return {"backbone": self.name, "pretrained": self.pretrained, "weights_id": self.weights_id(),
-                "quick_gelu": self.quick_gelu, "image_size": self.image_size, "pos_embed_mode": self.pos_embed_mode}
-
-
-_SHA_CACHE: dict[tuple[str, float, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Returns the SHA-256 hex digest of a file (streamed; memoised per path, mtime and size)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime, stat.st_size)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
+        """Returns the backbone facts tracking records besides the weights id (activation, pos-embed resize)."""
+        return {"backbone": self.name, "weights_source": self.weights_source, "quick_gelu": self.quick_gelu,
+                "pos_embed_mode": self.pos_embed_mode}
 
 
 def load_clip(model: str, pretrained: str, *, image_size: int | None = None, pos_embed_mode: PosEmbedMode = "bicubic",

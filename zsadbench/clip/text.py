@@ -12,6 +12,7 @@ leaves the features unchanged (up to float summation order).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import open_clip
@@ -88,9 +89,15 @@ class TextTower:
         return self.attn_mask is not None
 
 
+@functools.lru_cache(maxsize=8)
+def tokenizer(model_name: str) -> Callable[[list[str]], Tensor]:
+    """Returns open_clip's tokenizer for ``model_name`` (built once: reading the BPE vocabulary takes ~0.2 s)."""
+    return open_clip.get_tokenizer(model_name)
+
+
 def tokenize(model_name: str, texts: Sequence[str]) -> Tensor:
     """Returns (N, context_length) token ids from open_clip's tokenizer for ``model_name``."""
-    return open_clip.get_tokenizer(model_name)(list(texts))
+    return tokenizer(model_name)(list(texts))
 
 
 def end_of_text_index(token_ids: Tensor) -> Tensor:
