@@ -109,7 +109,7 @@ def load_clip(model: str, pretrained: str, *, image_size: int | None = None, pos
     source, weights_file, state_dict, weights_quick_gelu = _resolve_weights(model, pretrained, cache_dir)
     quick_gelu = _choose_activation(model, pretrained, native_quick_gelu, weights_quick_gelu, activation)
 
-    with torch.random.fork_rng(devices=[]), _quiet_random_init_notice():
+    with torch.random.fork_rng(devices=[]), quiet_open_clip():
         torch.manual_seed(seed)  # only matters for "random"; the loaded weights overwrite everything otherwise
         clip = open_clip.create_model(model, pretrained=None, precision="fp32", device="cpu",
                                       force_quick_gelu=quick_gelu and not native_quick_gelu)
@@ -128,21 +128,25 @@ def load_clip(model: str, pretrained: str, *, image_size: int | None = None, pos
                         pos_embed_mode if size != native else "native", seed)
 
 
-class _DropRandomInitNotice(logging.Filter):
+class _OpenClipChatter(logging.Filter):
+    """Drops open_clip's INFO records and its "initialized randomly" warning (zsadbench loads the weights itself)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+            return True
+        return record.levelno >= logging.WARNING and "No pretrained weights loaded" not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _quiet_random_init_notice() -> Iterator[None]:
-    """Silences open_clip's "initialized randomly" warning: zsadbench loads the weights itself right after."""
-    notice = _DropRandomInitNotice()
+def quiet_open_clip() -> Iterator[None]:
+    """Silences open_clip's root-logger chatter (model building, tokenizer lookup) for the duration of the block."""
+    chatter = _OpenClipChatter()
     root = logging.getLogger()
-    root.addFilter(notice)
+    root.addFilter(chatter)
     try:
         yield
     finally:
-        root.removeFilter(notice)
+        root.removeFilter(chatter)
 
 
 def _looks_like_path(pretrained: str) -> bool:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsadbench.clip.attention import AttentionFn, attention, block_forward
+from zsadbench.clip.backbone import quiet_open_clip
 
 # Compositional prompt ensemble of WinCLIP (anomalib prompting.py / zqhang; reused by AdaptCLIP's static text).
 NORMAL_STATES = (
@@ -92,7 +93,8 @@ class TextTower:
 @functools.lru_cache(maxsize=8)
 def tokenizer(model_name: str) -> Callable[[list[str]], Tensor]:
     """Returns open_clip's tokenizer for ``model_name`` (built once: reading the BPE vocabulary takes ~0.2 s)."""
-    return open_clip.get_tokenizer(model_name)
+    with quiet_open_clip():
+        return open_clip.get_tokenizer(model_name)
 
 
 def tokenize(model_name: str, texts: Sequence[str]) -> Tensor:

@@ -72,6 +72,9 @@ def forward_vision(visual: nn.Module, images: Tensor, taps: Sequence[int] = (), 
     return VisionOutput(project_tokens(visual, x[:, 0]), x, {k: out[k] for k in taps})
 
 
+ROW_CHUNK = 1024  # token rows per token-wise step: temporaries stay ~15 MB, reused by the allocator between steps
+
+
 @dataclass(frozen=True)
 class SequenceGroup:
     """``count`` sequences of ``length`` tokens, packed consecutively; ``keep`` = output rows per sequence."""
@@ -81,23 +84,42 @@ class SequenceGroup:
     keep: int  # 1: only the CLS row of each sequence leaves the last block; ``length``: every row
 
 
-def forward_packed(visual: nn.Module, groups: Sequence[tuple[Tensor, bool]]) -> list[Tensor]:
-    """Returns the final-block tokens of many independent sequences run through the tower in one packed pass.
+@torch.no_grad()
+def forward_packed(visual: nn.Module, tokens: Tensor, groups: Sequence[tuple[Tensor, bool]]) -> list[Tensor]:
+    """Returns the final-block tokens of many independent sequences assembled from a shared pool of tokens.
 
-    ``groups`` = [(tokens (n_i, L_i, D) after ln_pre, keep_all_tokens_i)]; sequences of one group share a length and
-    attend only within themselves. Token-wise layers (LayerNorm, projections, MLP) run once over all rows of all
-    groups (large matrix products); attention runs per group. The last block computes only the rows that are
-    returned: every row where ``keep_all_tokens_i``, else the first (CLS) row of each sequence, as (n_i, 1, D).
-    Output rows are the residual stream before ``ln_post``.
+    ``tokens`` (U, D): token rows after ``ln_pre``. ``groups`` = [(index (n_i, L_i) into those rows, keep_all_i)]:
+    n_i sequences of length L_i each, attending only within themselves. Token-wise layers (LayerNorm, projections,
+    MLP) run over all rows of all groups together (large matrix products, in chunks of ``ROW_CHUNK`` rows into
+    buffers allocated once); attention runs per group. Two shortcuts leave the result unchanged: the first block's
+    q/k/v projection runs once per pool row (every sequence starts from copies of those rows), and the last block
+    computes only the rows returned: every row where ``keep_all_i``, else the first (CLS) row of each sequence.
+    Returns per group (n_i, L_i or 1, D): the residual stream before ``ln_post``. Inference only (no autograd).
     """
     check_supported(visual)
-    dim = groups[0][0].shape[-1]
-    layout = [SequenceGroup(t.shape[0], t.shape[1], t.shape[1] if keep_all else 1) for t, keep_all in groups]
-    x = torch.cat([t.reshape(-1, dim) for t, _ in groups])
+    dim = tokens.shape[-1]
+    layout = [SequenceGroup(index.shape[0], index.shape[1], index.shape[1] if keep_all else 1)
+              for index, keep_all in groups]
+    row_index = torch.cat([index.reshape(-1) for index, _ in groups]).to(tokens.device)
+    x = tokens.index_select(0, row_index)
+    qkv = x.new_empty(x.shape[0], 3 * dim)
+    attended = x.new_empty(x.shape[0], dim)
     blocks = visual.transformer.resblocks
-    for index, block in enumerate(blocks):
-        last = index == len(blocks) - 1
-        x = _packed_block(block, x, layout, last)
+    for number, block in enumerate(blocks, start=1):
+        attn = block.attn
+        if number == 1:
+            pool_qkv = F.linear(block.ln_1(tokens), attn.in_proj_weight, attn.in_proj_bias)
+            torch.index_select(pool_qkv, 0, row_index, out=qkv)
+            del pool_qkv
+        elif number < len(blocks):
+            for start in range(0, x.shape[0], ROW_CHUNK):
+                rows = slice(start, start + ROW_CHUNK)
+                torch.addmm(attn.in_proj_bias, block.ln_1(x[rows]), attn.in_proj_weight.T, out=qkv[rows])
+        if number < len(blocks):
+            _packed_attention(attn, qkv, layout, attended)
+            x = _packed_residual(block, x, attended)
+        else:
+            x = _packed_last_block(block, x, layout)
     out, offset = [], 0
     for group in layout:
         rows = group.count * group.keep
@@ -106,34 +128,62 @@ def forward_packed(visual: nn.Module, groups: Sequence[tuple[Tensor, bool]]) -> 
     return out
 
 
-def _packed_block(block: nn.Module, x: Tensor, layout: Sequence[SequenceGroup], last: bool) -> Tensor:
-    """Returns one residual block applied to packed rows (on the last block: only the kept rows)."""
-    attn = block.attn
-    heads, dim = attn.num_heads, x.shape[-1]
-    h = block.ln_1(x)
-    if not last or all(g.keep == g.length for g in layout):
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q_all, kv = qkv[:, :dim], qkv[:, dim:]
-        keep_rows = None
-    else:
-        kv = F.linear(h, attn.in_proj_weight[dim:], attn.in_proj_bias[dim:])
-        keep_rows = _kept_rows(layout, x.device)
-        q_all = F.linear(h[keep_rows], attn.in_proj_weight[:dim], attn.in_proj_bias[:dim])
-    outputs, offset, q_offset = [], 0, 0
+def _packed_attention(attn: nn.MultiheadAttention, qkv: Tensor, layout: Sequence[SequenceGroup], out: Tensor,
+                      queries: Tensor | None = None) -> None:
+    """Writes per-sequence attention (heads merged, before out_proj) into ``out``.
+
+    ``qkv`` rows hold q|k|v of every packed row; with ``queries`` given (last block) q comes from those rows instead,
+    ``group.keep`` per sequence.
+    """
+    heads, dim = attn.num_heads, qkv.shape[-1] // 3
+    offset = q_offset = 0
     for group in layout:
         rows = group.count * group.length
-        q_len = group.length if keep_rows is None else group.keep
-        k_v = kv[offset:offset + rows].reshape(group.count, group.length, 2 * dim)
+        k_v = qkv[offset:offset + rows, dim:].reshape(group.count, group.length, 2 * dim)
         k, v = split_heads(k_v[..., :dim], heads), split_heads(k_v[..., dim:], heads)
-        q = split_heads(q_all[q_offset:q_offset + group.count * q_len].reshape(group.count, q_len, dim), heads)
-        o = F.scaled_dot_product_attention(q, k, v)
-        outputs.append(o.transpose(1, 2).reshape(group.count * q_len, dim))
+        q_len = group.length if queries is None else group.keep
+        q_rows = qkv[offset:offset + rows, :dim] if queries is None \
+            else queries[q_offset:q_offset + group.count * q_len]
+        q = split_heads(q_rows.reshape(group.count, q_len, dim), heads)
+        o = F.scaled_dot_product_attention(q, k, v)  # (n, H, q_len, d)
+        target = out[q_offset:q_offset + group.count * q_len].view(group.count, q_len, heads, dim // heads)
+        target.copy_(o.transpose(1, 2))
         offset += rows
         q_offset += group.count * q_len
-    if keep_rows is not None:
-        x = x[keep_rows]
-    x = x + block.ls_1(F.linear(torch.cat(outputs), attn.out_proj.weight, attn.out_proj.bias))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _packed_residual(block: nn.Module, x: Tensor, attended: Tensor) -> Tensor:
+    """Returns ``x`` after the block's out-projection residual and MLP residual (in place, in row chunks)."""
+    attn, mlp = block.attn, block.mlp
+    plain = isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity) \
+        and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
+    for start in range(0, x.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        chunk = x[rows]
+        if plain:
+            chunk.addmm_(attended[rows], attn.out_proj.weight.T).add_(attn.out_proj.bias)
+            hidden = mlp.gelu(F.linear(block.ln_2(chunk), mlp.c_fc.weight, mlp.c_fc.bias))
+            chunk.addmm_(hidden, mlp.c_proj.weight.T).add_(mlp.c_proj.bias)
+        else:
+            chunk.add_(block.ls_1(F.linear(attended[rows], attn.out_proj.weight, attn.out_proj.bias)))
+            chunk.add_(block.ls_2(mlp(block.ln_2(chunk))))
+    return x
+
+
+def _packed_last_block(block: nn.Module, x: Tensor, layout: Sequence[SequenceGroup]) -> Tensor:
+    """Returns the last block's output for the kept rows only (k/v still come from every row)."""
+    attn = block.attn
+    dim = x.shape[-1]
+    keep_rows = _kept_rows(layout, x.device)
+    h = torch.cat([block.ln_1(x[start:start + ROW_CHUNK]) for start in range(0, x.shape[0], ROW_CHUNK)])
+    qkv = x.new_empty(x.shape[0], 3 * dim)  # the q third stays unused: queries come from the kept rows only
+    for start in range(0, x.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        qkv[rows, dim:] = F.linear(h[rows], attn.in_proj_weight[dim:], attn.in_proj_bias[dim:])
+    queries = F.linear(h[keep_rows], attn.in_proj_weight[:dim], attn.in_proj_bias[:dim])
+    attended = x.new_empty(keep_rows.shape[0], dim)
+    _packed_attention(attn, qkv, layout, attended, queries)
+    return _packed_residual(block, x[keep_rows], attended)
 
 
 def _kept_rows(layout: Sequence[SequenceGroup], device: torch.device) -> Tensor:

@@ -67,15 +67,17 @@ def encode_windows(visual: nn.Module, images: Tensor, windows: Sequence[Tensor],
     ``windows`` = window index sets as from :func:`window_indices` (patch indices, row-major). With ``patch_tokens``
     the full image's final patch tokens after ``ln_post`` are returned too.
     """
-    tokens = visual.ln_pre(embed_patches(visual, images))  # ln_pre is token-wise: apply once, then cut windows
-    batch, dim = tokens.shape[0], tokens.shape[-1]
-    groups: list[tuple[Tensor, bool]] = [(tokens, patch_tokens)]
-    cls_index = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    tokens = visual.ln_pre(embed_patches(visual, images))  # token-wise: once per image, windows reuse the rows
+    batch, length, dim = tokens.shape
+    pool = tokens.reshape(-1, dim)
+    starts = torch.arange(batch, device=tokens.device)[:, None, None] * length  # first pool row of each image
+    groups: list[tuple[Tensor, bool]] = [(torch.arange(batch * length, device=tokens.device).reshape(batch, length),
+                                          patch_tokens)]
     for window in windows:
         window = window.to(tokens.device).long()
-        index = torch.cat([cls_index.expand(window.shape[0], 1), window + 1], dim=1)  # (n_w, 1 + k²)
-        groups.append((tokens[:, index].reshape(-1, index.shape[1], dim), False))
-    outputs = forward_packed(visual, groups)
+        index = torch.cat([torch.zeros_like(window[:, :1]), window + 1], dim=1)  # (n_w, 1 + k²): CLS first
+        groups.append(((starts + index).reshape(-1, index.shape[1]), False))
+    outputs = forward_packed(visual, pool, groups)
     full = outputs[0]
     image = project_tokens(visual, full[:, 0])
     per_window = [project_tokens(visual, out[:, 0]).reshape(batch, -1, image.shape[-1]) for out in outputs[1:]]
