@@ -82,29 +82,33 @@ def main() -> None:
     runners = {"zsadbench": run_ours} | ({"anomalib": run_theirs} if theirs is not None else {})
     outputs = {name: run() for name, run in runners.items()}  # warm-up (and text embeddings for zsadbench)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runners}
     load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
         for name, run in runners.items():
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu)
     load_after = os.getloadavg()[0]
 
     print(f"WinCLIP zero-shot forward, {args.model} @ {args.image_size}px, batch {args.batch}, "
           f"{args.threads} threads, {args.repeats} timed forwards each "
           f"(1-min load average {load_before:.2f} -> {load_after:.2f})")
-    rates = {}
+    rates, cpu_rates = {}, {}
     for name, values in times.items():
         median = statistics.median(values)
         rates[name] = args.batch / median
+        cpu_rates[name] = args.batch / statistics.median(cpu_times[name])
         print(f"  {name:10s} median {median:7.3f} s/forward  {rates[name]:6.3f} images/s  "
-              f"(all: {', '.join(f'{v:.2f}' for v in values)})")
+              f"(all: {', '.join(f'{v:.2f}' for v in values)}; CPU time {statistics.median(cpu_times[name]):.2f} s)")
     if theirs is None:
         print("  anomalib is not installed: no reference throughput (pip install anomalib in this environment)")
         return
     diff = (outputs["zsadbench"] - outputs["anomalib"]).abs().max().item()
     print(f"  max |map difference| = {diff:.2e}")
-    print(f"  ratio zsadbench / anomalib images/s = {rates['zsadbench'] / rates['anomalib']:.2f} (target >= 1.0)")
+    print(f"  ratio zsadbench / anomalib images/s = {rates['zsadbench'] / rates['anomalib']:.2f} (target >= 1.0); "
+          f"by process CPU time: {cpu_rates['zsadbench'] / cpu_rates['anomalib']:.2f} (less sensitive to other load)")
 
 
 if __name__ == "__main__":

@@ -120,3 +120,23 @@ def test_packed_window_forward_equals_one_forward_per_window(tiny_l) -> None:
         assert torch.allclose(out.image, pooled, atol=1e-5)
         assert torch.allclose(out.patch_tokens, patch_tokens, atol=1e-5)
         assert encode_windows(visual, images, windows).patch_tokens is None
+
+
+def test_packed_forward_in_row_chunks_and_with_quickgelu(monkeypatch) -> None:
+    import zsadbench.clip.vision as vision
+
+    backbone = load_clip("tiny-ViT-L-14-336-quickgelu", "random", seed=5)  # 56 px: 4×4 grid
+    visual = backbone.visual
+    images = torch.randn(3, 3, 56, 56)
+    windows = [window_indices((4, 4), 2), window_indices((4, 4), 3)]
+    with torch.no_grad():
+        whole = encode_windows(visual, images, windows, patch_tokens=True)
+        monkeypatch.setattr(vision, "ROW_CHUNK", 7)  # many uneven chunks, buffers reused across them
+        chunked = encode_windows(visual, images, windows, patch_tokens=True)
+        sequence = embed_patches(visual, images)[1:2, torch.tensor([0, 6, 7, 10, 11])]  # window (1, 1) of image 1
+        cls = visual.transformer(visual.ln_pre(sequence))[0, 0]
+        expected = visual.ln_post(cls) @ visual.proj
+    assert torch.allclose(chunked.windows[0][1, 4], expected, atol=1e-5)  # 3 windows per row: (1, 1) is 4
+    for a, b in zip(whole.windows + [whole.image, whole.patch_tokens], chunked.windows + [chunked.image,
+                                                                                         chunked.patch_tokens]):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
 from zsadbench.clip.attention import AttentionFn, attention, block_forward, split_heads
@@ -72,7 +73,7 @@ def forward_vision(visual: nn.Module, images: Tensor, taps: Sequence[int] = (), 
     return VisionOutput(project_tokens(visual, x[:, 0]), x, {k: out[k] for k in taps})
 
 
-ROW_CHUNK = 1024  # token rows per token-wise step: temporaries stay ~15 MB, reused by the allocator between steps
+ROW_CHUNK = 8192  # token rows per token-wise step (~3 images of WinCLIP windows): bounds the MLP buffer to ~120 MB
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,11 @@ def forward_packed(visual: nn.Module, tokens: Tensor, groups: Sequence[tuple[Ten
 
     ``tokens`` (U, D): token rows after ``ln_pre``. ``groups`` = [(index (n_i, L_i) into those rows, keep_all_i)]:
     n_i sequences of length L_i each, attending only within themselves. Token-wise layers (LayerNorm, projections,
-    MLP) run over all rows of all groups together (large matrix products, in chunks of ``ROW_CHUNK`` rows into
-    buffers allocated once); attention runs per group. Two shortcuts leave the result unchanged: the first block's
-    q/k/v projection runs once per pool row (every sequence starts from copies of those rows), and the last block
-    computes only the rows returned: every row where ``keep_all_i``, else the first (CLS) row of each sequence.
-    Returns per group (n_i, L_i or 1, D): the residual stream before ``ln_post``. Inference only (no autograd).
+    MLP) run over all rows of all groups together (large matrix products over up to ``ROW_CHUNK`` rows, into buffers
+    allocated once per call rather than once per block); attention runs per group. Two shortcuts leave the result
+    unchanged: the first block's q/k/v projection runs once per pool row (every sequence starts from copies of those
+    rows), and the last block computes only the rows returned: every row where ``keep_all_i``, else the first (CLS)
+    row of each sequence. Returns per group (n_i, L_i or 1, D): the residual stream before ``ln_post``. Inference only.
     """
     check_supported(visual)
     dim = tokens.shape[-1]
@@ -104,6 +105,7 @@ def forward_packed(visual: nn.Module, tokens: Tensor, groups: Sequence[tuple[Ten
     x = tokens.index_select(0, row_index)
     qkv = x.new_empty(x.shape[0], 3 * dim)
     attended = x.new_empty(x.shape[0], dim)
+    hidden = x.new_empty(min(x.shape[0], ROW_CHUNK), visual.transformer.resblocks[0].mlp.c_fc.out_features)
     blocks = visual.transformer.resblocks
     for number, block in enumerate(blocks, start=1):
         attn = block.attn
@@ -117,9 +119,9 @@ def forward_packed(visual: nn.Module, tokens: Tensor, groups: Sequence[tuple[Ten
                 torch.addmm(attn.in_proj_bias, block.ln_1(x[rows]), attn.in_proj_weight.T, out=qkv[rows])
         if number < len(blocks):
             _packed_attention(attn, qkv, layout, attended)
-            x = _packed_residual(block, x, attended)
+            x = _packed_residual(block, x, attended, hidden)
         else:
-            x = _packed_last_block(block, x, layout)
+            x = _packed_last_block(block, x, layout, hidden)
     out, offset = [], 0
     for group in layout:
         rows = group.count * group.keep
@@ -152,8 +154,12 @@ def _packed_attention(attn: nn.MultiheadAttention, qkv: Tensor, layout: Sequence
         q_offset += group.count * q_len
 
 
-def _packed_residual(block: nn.Module, x: Tensor, attended: Tensor) -> Tensor:
-    """Returns ``x`` after the block's out-projection residual and MLP residual (in place, in row chunks)."""
+def _packed_residual(block: nn.Module, x: Tensor, attended: Tensor, hidden: Tensor) -> Tensor:
+    """Returns ``x`` after the block's out-projection residual and MLP residual (in place, in row chunks).
+
+    ``hidden`` is a reusable (chunk rows, MLP width) buffer: writing into it avoids a fresh ~100 MB allocation (and its
+    page faults) in every block.
+    """
     attn, mlp = block.attn, block.mlp
     plain = isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity) \
         and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
@@ -162,15 +168,27 @@ def _packed_residual(block: nn.Module, x: Tensor, attended: Tensor) -> Tensor:
         chunk = x[rows]
         if plain:
             chunk.addmm_(attended[rows], attn.out_proj.weight.T).add_(attn.out_proj.bias)
-            hidden = mlp.gelu(F.linear(block.ln_2(chunk), mlp.c_fc.weight, mlp.c_fc.bias))
-            chunk.addmm_(hidden, mlp.c_proj.weight.T).add_(mlp.c_proj.bias)
+            buffer = hidden[:chunk.shape[0]]
+            torch.addmm(mlp.c_fc.bias, block.ln_2(chunk), mlp.c_fc.weight.T, out=buffer)
+            _activation_(mlp.gelu, buffer)
+            chunk.addmm_(buffer, mlp.c_proj.weight.T).add_(mlp.c_proj.bias)
         else:
             chunk.add_(block.ls_1(F.linear(attended[rows], attn.out_proj.weight, attn.out_proj.bias)))
             chunk.add_(block.ls_2(mlp(block.ln_2(chunk))))
     return x
 
 
-def _packed_last_block(block: nn.Module, x: Tensor, layout: Sequence[SequenceGroup]) -> Tensor:
+def _activation_(activation: nn.Module, x: Tensor) -> None:
+    """Applies the MLP activation to ``x`` in place (exact GELU, QuickGELU, or any module via a copy)."""
+    if type(activation) is nn.GELU:
+        torch.ops.aten.gelu.out(x, approximate=activation.approximate, out=x)
+    elif isinstance(activation, QuickGELU):
+        x.mul_(torch.sigmoid(1.702 * x))
+    else:
+        x.copy_(activation(x))
+
+
+def _packed_last_block(block: nn.Module, x: Tensor, layout: Sequence[SequenceGroup], hidden: Tensor) -> Tensor:
     """Returns the last block's output for the kept rows only (k/v still come from every row)."""
     attn = block.attn
     dim = x.shape[-1]
@@ -183,7 +201,7 @@ def _packed_last_block(block: nn.Module, x: Tensor, layout: Sequence[SequenceGro
     queries = F.linear(h[keep_rows], attn.in_proj_weight[:dim], attn.in_proj_bias[:dim])
     attended = x.new_empty(keep_rows.shape[0], dim)
     _packed_attention(attn, qkv, layout, attended, queries)
-    return _packed_residual(block, x[keep_rows], attended)
+    return _packed_residual(block, x[keep_rows], attended, hidden)
 
 
 def _kept_rows(layout: Sequence[SequenceGroup], device: torch.device) -> Tensor:
