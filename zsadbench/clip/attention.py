@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zsadbench.clip.backbone import ResidualBlock
+
 AttentionFn = Callable[[nn.MultiheadAttention, Tensor, Tensor | None], Tensor]
 
 
@@ -63,7 +65,7 @@ def attention(attn: nn.MultiheadAttention, x: Tensor, attn_mask: Tensor | None =
     return merge_heads(attn, attend(q, k, v, attn_mask))
 
 
-def block_forward(block: nn.Module, x: Tensor, attn_mask: Tensor | None = None,
+def block_forward(block: ResidualBlock, x: Tensor, attn_mask: Tensor | None = None,
                   attention_fn: AttentionFn = attention) -> Tensor:
     """Returns the output of one open_clip residual block for batch-first tokens (B, N, D).
 

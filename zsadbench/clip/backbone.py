@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+# open_clip's towers and blocks are plain nn.Modules whose sub-modules type checkers cannot see; these aliases say
+# which object a function expects (open_clip.CLIP, its VisionTransformer, one ResidualAttentionBlock).
+ClipModel = Any
+VisionTower = Any
+ResidualBlock = Any
 
 PosEmbedMode = Literal["bilinear", "bicubic", "bicubic-antialias"]
 Activation = Literal["auto", "gelu", "quick_gelu"]
@@ -68,7 +74,7 @@ register_model_configs()
 class ClipBackbone:
     """A loaded open_clip CLIP model (eval mode, fp32) and what was loaded into it."""
 
-    model: nn.Module  # open_clip.CLIP
+    model: ClipModel  # open_clip.CLIP
     name: str  # architecture as requested
     pretrained: str  # tag, file path or "random"
     weights_source: str  # "tag", "file" or "random"
@@ -79,14 +85,15 @@ class ClipBackbone:
     seed: int
 
     @property
-    def visual(self) -> nn.Module:
+    def visual(self) -> VisionTower:
         """Returns the vision tower (open_clip ``VisionTransformer``)."""
         return self.model.visual
 
     @property
     def grid_size(self) -> tuple[int, int]:
         """Returns the patch grid (rows, columns) at the loaded image size."""
-        return tuple(self.model.visual.grid_size)  # type: ignore[return-value]
+        height, width = self.model.visual.grid_size
+        return int(height), int(width)
 
     def describe(self) -> dict[str, str | int | bool]:
         """Returns the backbone facts tracking records besides the weights id (activation, pos-embed resize)."""
@@ -264,7 +271,7 @@ def _torch_load(path: Path) -> object:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_state_dict(clip: nn.Module, state: dict[str, Tensor], source: str, model: str) -> None:
+def _load_state_dict(clip: ClipModel, state: dict[str, Tensor], source: str, model: str) -> None:
     """Loads ``state`` strictly into ``clip``; mismatches raise an error naming the file and the keys."""
     if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
@@ -310,7 +317,7 @@ def _choose_activation(model: str, pretrained: str, native_quick_gelu: bool, wei
     return chosen
 
 
-def _set_activation(clip: nn.Module, act: type[nn.Module]) -> None:
+def _set_activation(clip: ClipModel, act: type[nn.Module]) -> None:
     """Replaces the MLP activation of every residual block in both towers."""
     for module in clip.modules():
         mlp = getattr(module, "mlp", None)
@@ -318,7 +325,7 @@ def _set_activation(clip: nn.Module, act: type[nn.Module]) -> None:
             mlp._modules["gelu"] = act()
 
 
-def uses_quick_gelu(clip: nn.Module) -> bool:
+def uses_quick_gelu(clip: ClipModel) -> bool:
     """Returns True when the vision tower's residual blocks use QuickGELU."""
     return isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
 
@@ -346,7 +353,7 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], mode: PosEmbedMod
     return torch.cat([cls_row, table], dim=0)
 
 
-def set_image_size(visual: nn.Module, image_size: int | tuple[int, int], mode: PosEmbedMode = "bicubic") -> None:
+def set_image_size(visual: VisionTower, image_size: int | tuple[int, int], mode: PosEmbedMode = "bicubic") -> None:
     """Resizes the vision tower's positional embedding (in place) so it runs at ``image_size``."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     patch_h, patch_w = visual.patch_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import open_clip
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsadbench.clip.attention import AttentionFn, attention, block_forward
-from zsadbench.clip.backbone import quiet_open_clip
+from zsadbench.clip.backbone import ClipModel, quiet_open_clip
 
 # Compositional prompt ensemble of WinCLIP (anomalib prompting.py / zqhang; reused by AdaptCLIP's static text).
 NORMAL_STATES = (
@@ -69,8 +70,8 @@ def compositional_prompts(class_name: str, normal_states: Sequence[str] = NORMAL
 class TextTower:
     """The text-side modules of an open_clip model (``CLIP`` keeps them at top level, ``CustomTextCLIP`` in .text)."""
 
-    def __init__(self, clip: nn.Module) -> None:
-        owner = clip if hasattr(clip, "token_embedding") else getattr(clip, "text", None)
+    def __init__(self, clip: ClipModel) -> None:
+        owner: Any = clip if hasattr(clip, "token_embedding") else getattr(clip, "text", None)
         if owner is None or not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
             raise NotImplementedError(f"{type(clip).__name__}: only open_clip's built-in text transformer is "
                                       "supported (no Hugging Face text towers)")
@@ -79,7 +80,7 @@ class TextTower:
             raise NotImplementedError(f"text pooling {pool!r} is not supported (argmax end-of-text pooling only)")
         self.token_embedding: nn.Embedding = owner.token_embedding
         self.positional_embedding: Tensor = owner.positional_embedding
-        self.transformer: nn.Module = owner.transformer
+        self.transformer: Any = owner.transformer  # open_clip Transformer (.resblocks)
         self.ln_final: nn.Module = owner.ln_final
         self.text_projection = owner.text_projection
         self.attn_mask: Tensor | None = owner.attn_mask
@@ -107,7 +108,7 @@ def end_of_text_index(token_ids: Tensor) -> Tensor:
     return token_ids.argmax(dim=-1)
 
 
-def encode_text_embeddings(clip: nn.Module, embeddings: Tensor, eot_index: Tensor, *,
+def encode_text_embeddings(clip: ClipModel, embeddings: Tensor, eot_index: Tensor, *,
                            deep_prompts: Mapping[int, Tensor] | None = None,
                            attention_fn: AttentionFn = attention) -> Tensor:
     """Returns (N, E) text features (unnormalised) of (N, L, W) token embeddings; pooled at ``eot_index``.
@@ -141,7 +142,7 @@ def encode_text_embeddings(clip: nn.Module, embeddings: Tensor, eot_index: Tenso
     return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
-def encode_text(clip: nn.Module, token_ids: Tensor, batch_size: int = 256) -> Tensor:
+def encode_text(clip: ClipModel, token_ids: Tensor, batch_size: int = 256) -> Tensor:
     """Returns (N, E) unnormalised text features of token ids (open_clip's ``encode_text``), in batches."""
     tower = TextTower(clip)
     token_ids = token_ids.to(tower.token_embedding.weight.device)
@@ -152,7 +153,7 @@ def encode_text(clip: nn.Module, token_ids: Tensor, batch_size: int = 256) -> Te
     return torch.cat(out)
 
 
-def prompt_ensemble_features(clip: nn.Module, model_name: str, prompt_sets: Sequence[Sequence[str]],
+def prompt_ensemble_features(clip: ClipModel, model_name: str, prompt_sets: Sequence[Sequence[str]],
                              normalize_each: bool = False) -> Tensor:
     """Returns (n_sets, E): per set of prompts, the mean of their text features.
 

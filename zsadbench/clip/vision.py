@@ -17,9 +17,10 @@ from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
 from zsadbench.clip.attention import AttentionFn, attention, block_forward, split_heads
+from zsadbench.clip.backbone import ResidualBlock, VisionTower
 
 
-def check_supported(visual: nn.Module) -> None:
+def check_supported(visual: VisionTower) -> None:
     """Raises a clear error for vision towers the machinery does not cover (CLS-pooled ViTs only)."""
     if not hasattr(visual, "conv1") or getattr(visual, "attn_pool", None) is not None \
             or getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
@@ -27,7 +28,7 @@ def check_supported(visual: nn.Module) -> None:
                                   "VisionTransformers with a CLS token and ln_post before the projection")
 
 
-def embed_patches(visual: nn.Module, images: Tensor) -> Tensor:
+def embed_patches(visual: VisionTower, images: Tensor) -> Tensor:
     """Returns (B, 1 + P, D) tokens: patch embedding, CLS prepended, positional embedding added (before ln_pre)."""
     x = visual.conv1(images)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
@@ -40,7 +41,7 @@ def embed_patches(visual: nn.Module, images: Tensor) -> Tensor:
     return x + visual.positional_embedding.to(x.dtype)
 
 
-def project_tokens(visual: nn.Module, tokens: Tensor) -> Tensor:
+def project_tokens(visual: VisionTower, tokens: Tensor) -> Tensor:
     """Returns ``ln_post(tokens) @ proj`` (the joint embedding space), for any (..., D) tokens."""
     x = visual.ln_post(tokens)
     return x @ visual.proj if visual.proj is not None else x
@@ -55,7 +56,7 @@ class VisionOutput:
     taps: dict[int, Tensor] = field(default_factory=dict)  # block k (1-based) -> (B, 1 + P, D) after block k
 
 
-def forward_vision(visual: nn.Module, images: Tensor, taps: Sequence[int] = (), *,
+def forward_vision(visual: VisionTower, images: Tensor, taps: Sequence[int] = (), *,
                    attention_fn: AttentionFn = attention) -> VisionOutput:
     """Returns the pooled embedding, the final tokens and the residual stream after each block in ``taps``."""
     check_supported(visual)
@@ -86,7 +87,7 @@ class SequenceGroup:
 
 
 @torch.no_grad()
-def forward_packed(visual: nn.Module, tokens: Tensor, groups: Sequence[tuple[Tensor, bool]]) -> list[Tensor]:
+def forward_packed(visual: VisionTower, tokens: Tensor, groups: Sequence[tuple[Tensor, bool]]) -> list[Tensor]:
     """Returns the final-block tokens of many independent sequences assembled from a shared pool of tokens.
 
     ``tokens`` (U, D): token rows after ``ln_pre``. ``groups`` = [(index (n_i, L_i) into those rows, keep_all_i)]:
@@ -124,9 +125,9 @@ def forward_packed(visual: nn.Module, tokens: Tensor, groups: Sequence[tuple[Ten
             x = _packed_last_block(block, x, layout, hidden)
     out, offset = [], 0
     for group in layout:
-        rows = group.count * group.keep
-        out.append(x[offset:offset + rows].reshape(group.count, group.keep, dim))
-        offset += rows
+        count = group.count * group.keep
+        out.append(x[offset:offset + count].reshape(group.count, group.keep, dim))
+        offset += count
     return out
 
 
@@ -154,7 +155,7 @@ def _packed_attention(attn: nn.MultiheadAttention, qkv: Tensor, layout: Sequence
         q_offset += group.count * q_len
 
 
-def _packed_residual(block: nn.Module, x: Tensor, attended: Tensor, hidden: Tensor) -> Tensor:
+def _packed_residual(block: ResidualBlock, x: Tensor, attended: Tensor, hidden: Tensor) -> Tensor:
     """Returns ``x`` after the block's out-projection residual and MLP residual (in place, in row chunks).
 
     ``hidden`` is a reusable (chunk rows, MLP width) buffer: writing into it avoids a fresh ~100 MB allocation (and its
@@ -188,7 +189,7 @@ def _activation_(activation: nn.Module, x: Tensor) -> None:
         x.copy_(activation(x))
 
 
-def _packed_last_block(block: nn.Module, x: Tensor, layout: Sequence[SequenceGroup], hidden: Tensor) -> Tensor:
+def _packed_last_block(block: ResidualBlock, x: Tensor, layout: Sequence[SequenceGroup], hidden: Tensor) -> Tensor:
     """Returns the last block's output for the kept rows only (k/v still come from every row)."""
     attn = block.attn
     dim = x.shape[-1]

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from zsadbench.clip.backbone import VisionTower
 from zsadbench.clip.vision import embed_patches, forward_packed, project_tokens
 
 
@@ -60,7 +61,7 @@ class WindowEmbeddings:
     patch_tokens: Tensor | None  # (B, P, D): ln_post'd final patch tokens, no projection (WinCLIP+ memory)
 
 
-def encode_windows(visual: nn.Module, images: Tensor, windows: Sequence[Tensor],
+def encode_windows(visual: VisionTower, images: Tensor, windows: Sequence[Tensor],
                    patch_tokens: bool = False) -> WindowEmbeddings:
     """Returns the full-image embedding and the embedding of every window in ``windows`` for each image.
 
