@@ -73,6 +73,16 @@ def test_local_file_loads_offline_with_openai_metadata(tmp_path) -> None:
     assert not uses_quick_gelu(gelu.model)
 
 
+def test_torchscript_archive_loads(tmp_path) -> None:
+    source = load_clip("tiny-ViT-B-16-plus-240", "random", seed=2).model
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save is deprecated; OpenAI's releases use it
+        torch.jit.save(torch.jit.script(source), str(path))
+    loaded = load_clip("tiny-ViT-B-16-plus-240", str(path)).model  # carries the attn_mask buffer: ignored
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_quickgelu_architecture_can_be_forced_to_gelu_without_warning_for_unknown_weights() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -267,7 +267,9 @@ def _torch_load(path: Path) -> object:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("/code/__torch__.py") or "/code/" in name for name in archive.namelist()):
-                return torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                    return torch.jit.load(str(path), map_location="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -276,6 +278,9 @@ def _load_state_dict(clip: ClipModel, state: dict[str, Tensor], source: str, mod
     if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
     own = clip.state_dict()
+    for name, _ in clip.named_buffers():  # non-persistent buffers (attn_mask) that a TorchScript archive carries
+        if name not in own:
+            state.pop(name, None)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
