@@ -108,6 +108,10 @@ class WinClip(Detector, FewShot):
 
     label = "WinCLIP"
     Config = WinClipConfig
+    regression_variants = {  # tiny seeded backbone (12-layer vision tower, 80 px: 5×5 grid) on the fixed benchmark
+        "zero-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80},
+        "1-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80, "shots": 1},
+    }
 
     def __init__(self, config: WinClipConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
         super().__init__(config, seed=seed, **overrides)
