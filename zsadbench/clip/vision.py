@@ -106,8 +106,9 @@ def forward_packed(visual: VisionTower, tokens: Tensor, groups: Sequence[tuple[T
     x = tokens.index_select(0, row_index)
     qkv = x.new_empty(x.shape[0], 3 * dim)
     attended = x.new_empty(x.shape[0], dim)
-    hidden = x.new_empty(min(x.shape[0], ROW_CHUNK), visual.transformer.resblocks[0].mlp.c_fc.out_features)
     blocks = visual.transformer.resblocks
+    mlp_width = getattr(getattr(blocks[0].mlp, "c_fc", None), "out_features", 0)
+    hidden = x.new_empty(min(x.shape[0], ROW_CHUNK), mlp_width)
     for number, block in enumerate(blocks, start=1):
         attn = block.attn
         if number == 1:
@@ -122,7 +123,7 @@ def forward_packed(visual: VisionTower, tokens: Tensor, groups: Sequence[tuple[T
             _packed_attention(attn, qkv, layout, attended)
             x = _packed_residual(block, x, attended, hidden)
         else:
-            x = _packed_last_block(block, x, layout, hidden)
+            x = _packed_last_block(block, x, layout, qkv, hidden)
     out, offset = [], 0
     for group in layout:
         count = group.count * group.keep
@@ -189,13 +190,14 @@ def _activation_(activation: nn.Module, x: Tensor) -> None:
         x.copy_(activation(x))
 
 
-def _packed_last_block(block: ResidualBlock, x: Tensor, layout: Sequence[SequenceGroup], hidden: Tensor) -> Tensor:
-    """Returns the last block's output for the kept rows only (k/v still come from every row)."""
+def _packed_last_block(block: ResidualBlock, x: Tensor, layout: Sequence[SequenceGroup], qkv: Tensor,
+                       hidden: Tensor) -> Tensor:
+    """Returns the last block's output for the kept rows only (k/v still come from every row; ``qkv`` is reused)."""
     attn = block.attn
     dim = x.shape[-1]
     keep_rows = _kept_rows(layout, x.device)
     h = torch.cat([block.ln_1(x[start:start + ROW_CHUNK]) for start in range(0, x.shape[0], ROW_CHUNK)])
-    qkv = x.new_empty(x.shape[0], 3 * dim)  # the q third stays unused: queries come from the kept rows only
+    # the q third of ``qkv`` is not refreshed: queries come from the kept rows only
     for start in range(0, x.shape[0], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         qkv[rows, dim:] = F.linear(h[rows], attn.in_proj_weight[dim:], attn.in_proj_bias[dim:])
