@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+CHECKPOINT_FORMAT = "zsadbench-checkpoint"  # the ``format`` entry of checkpoint files zsadbench writes
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the method (names the keys)."""
@@ -25,6 +27,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def unwrap_checkpoint(checkpoint: dict[str, Any], method: str, path: str | Path) -> dict[str, Any]:
+    """Returns the learnable state held by a checkpoint: a zsadbench file's ``state_dict``, else the dict itself.
+
+    A zsadbench checkpoint (``format`` = ``zsadbench-checkpoint``) written by another method is an error naming both.
+    """
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        return checkpoint
+    if checkpoint.get("method") != method:
+        raise CheckpointError(f"checkpoint {path} was written by method {checkpoint.get('method')!r}; it cannot be "
+                              f"loaded into {method!r}")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} has no 'state_dict' entry")
     return state
 
 

@@ -133,11 +133,45 @@ class TransductiveDetector(Detector):
 
 
 class Trainable(abc.ABC):
-    """A method with learnable parts trained on auxiliary data, saved and restored as checkpoints."""
+    """A method with learnable parts trained on auxiliary data, saved and restored as checkpoints.
+
+    The method's config carries a ``train`` group (:class:`zsadbench.training.TrainConfig`: epochs, batch size,
+    Adam hyper-parameters, seed, split) whose defaults are the reference's. The generic loop
+    (:func:`zsadbench.training.fit`) shuffles, batches images with their masks at the method's input size, calls
+    :meth:`training_step`, steps the optimiser from :meth:`make_optimizer`, checkpoints each epoch and resumes.
+    """
+
+    def fit(self, train_data: Dataset, **options: Any) -> Any:
+        """Trains the learnable parts on ``train_data`` and returns a :class:`zsadbench.training.TrainingResult`.
+
+        ``options`` are those of :func:`zsadbench.training.fit` (``checkpoint_dir``, ``resume_from``, ``tracker``,
+        ``progress``, ``on_step``) plus overrides of the ``train`` config (``epochs=2``).
+        """
+        from zsadbench.training import fit
+
+        return fit(self, train_data, **options)
 
     @abc.abstractmethod
-    def fit(self, train_data: Dataset, **options: Any) -> None:
-        """Trains the learnable parts on ``train_data`` (the auxiliary dataset's samples)."""
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Returns the parameters the optimiser updates (everything else stays frozen)."""
+
+    @abc.abstractmethod
+    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Returns the losses of one batch: ``"loss"`` (minimised, with grad) and any components to log.
+
+        ``images`` (B, 3, H, W) are preprocessed by :meth:`Detector.transform`, ``masks`` (B, H, W) are float {0, 1}
+        at the input size (all zero for normal images), ``labels`` (B,) are 0 normal / 1 anomalous.
+        """
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Returns Adam over :meth:`trainable_parameters` with the ``train`` config's lr, betas and weight decay."""
+        options = self.config.train  # type: ignore[attr-defined]
+        return torch.optim.Adam(self.trainable_parameters(), lr=options.lr, betas=tuple(options.betas),
+                                weight_decay=options.weight_decay)
+
+    def set_train_mode(self, training: bool) -> None:
+        """Switches learnable modules between training and evaluation behaviour (BatchNorm, dropout); default none."""
+        del training  # methods without such modules have nothing to switch
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -149,9 +183,9 @@ class Trainable(abc.ABC):
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Loads a checkpoint file written by zsadbench (methods extend this to the authors' released layouts)."""
-        from zsadbench.checkpoints import read_checkpoint
+        from zsadbench.checkpoints import read_checkpoint, unwrap_checkpoint
 
-        self.load_state_dict(read_checkpoint(path))
+        self.load_state_dict(unwrap_checkpoint(read_checkpoint(path), self.name, path))  # type: ignore[attr-defined]
 
 
 class FewShot(abc.ABC):

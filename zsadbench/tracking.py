@@ -137,6 +137,10 @@ class Tracker:
         """Uploads a folder's files as run artifacts."""
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Uploads one file as a run artifact (under ``artifact_path``)."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
     def finish(self, status: str) -> None:
         """Ends the run: ``complete`` → FINISHED, ``interrupted`` → KILLED, anything else → FAILED."""
         self.client.set_tag(self.run_id, STATUS_TAG, status)
