@@ -1,0 +1,251 @@
+"""AnomalyCLIP: Object-agnostic Prompt Learning for Zero-shot Anomaly Detection (Zhou et al., ICLR 2024).
+
+Paper: https://arxiv.org/abs/2310.18961. Reference implementation: zqhang/AnomalyCLIP @45ed4dd (train.py, test.py,
+prompt_ensemble.py, loss.py, AnomalyCLIP_lib/); spec: shared/specs/anomalyclip.md.
+
+Method, as implemented:
+
+1. Backbone: OpenAI CLIP ViT-L/14@336px with QuickGELU, fp32, frozen; 518×518 input (PIL bicubic squash, OpenAI
+   mean/std), positional embedding resized 24×24 → 37×37 **bilinearly** (not open_clip's antialiased bicubic).
+2. Diagonally prominent attention map (DPAM): from block 6 on, a V-V attention path (q = k = v) runs beside the
+   original one (zsadbench.clip.dual_path). Patch features = ln_post(v_24) @ proj (**layer 24 only**: the released
+   checkpoints were trained with the multi-layer-copy bug that made all four "layers" equal to layer 24,
+   zqhang/AnomalyCLIP#18/#82); global feature = o_24[CLS] @ proj **without ln_post** (#14).
+3. Object-agnostic text prompts: "[V1..V12] object." and "[W1..W12] damaged object." with 12 learned context vectors
+   each, plus deep prompts (4 tokens, shared by both) that overwrite token positions 1..4 of text blocks 2..9,
+   rounded to fp16 as the reference does (zsadbench.clip.prompts).
+4. Scoring: probabilities softmax(cos / 0.07) over {normal, abnormal}. Image score = P(abnormal) of the global
+   feature. Map = (S_abn + 1 − S_norm) / 2 (= S_abn) of the patch probabilities, bilinearly upsampled to the input
+   size (probabilities, not logits), summed over the map layers, then a scipy-style Gaussian with σ = 4.
+5. Training on auxiliary data (another dataset's test split): only the prompts learn. Loss = CE(global logits) +
+   λ·Σ_layers [focal(S, gt) + Dice(S_abn, gt) + Dice(S_norm, 1 − gt)] with λ = 4 (current train.py; equal to the
+   released checkpoints' objective with four identical layers); Adam lr 1e-3, betas (0.5, 0.999), batch 8, 15
+   epochs, seed 111.
+
+Checkpoints: zsadbench's own (``zsadbench train``: the learnable prompts only, 43,008 numbers for ViT-L) and the
+authors' released ``{"prompt_learner": ...}`` files (checkpoints/9_12_4_multiscale{,_visa}/epoch_15.pth).
+
+Deliberate deviations from the reference:
+
+- Random draws differ: the prompts are initialised from their own generator (seed ``train.seed``) and batches are
+  shuffled by a dedicated generator, whereas the reference draws both from the global RNG after building the model;
+  the same seed therefore gives different (equally distributed) initial prompts and batch orders.
+- Batches of any size are scored at once (the reference test loop assumes batch size 1); a last training batch of one
+  image works (the reference's ``squeeze()`` breaks it).
+- Attention runs through ``scaled_dot_product_attention`` and prompts are encoded only up to their end-of-text token
+  (causal mask): the same features up to float round-off (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
+from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.dual_path import forward_dual_path
+from zsadbench.clip.prompts import ANOMALYCLIP_TEXTS, LearnablePrompts
+from zsadbench.detector import Detector, Trainable
+from zsadbench.filters import gaussian_filter
+from zsadbench.losses import binary_dice_loss, focal_loss
+from zsadbench.registry import register_method
+from zsadbench.tracking import file_sha256
+from zsadbench.training import TrainConfig
+from zsadbench.transforms import ClipTransform
+from zsadbench.types import Prediction
+
+
+@dataclass
+class AnomalyCLIPConfig:
+    """AnomalyCLIP settings; defaults are the reference's (train.sh / test.sh, design ``9_12_4_multiscale``)."""
+
+    model: str = "ViT-L-14-336-quickgelu"  # open_clip architecture; QuickGELU as the OpenAI weights were trained
+    pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
+    image_size: int = 518
+    pos_embed_mode: str = "bilinear"  # the reference's F.interpolate(mode="bilinear") of the 24×24 grid
+    vv_start_layer: int = 6  # first V-V (DPAM) block: DPAM_layer=20 replaces blocks -1..-19 of 24
+    feature_layers: tuple[int, ...] = (24,)  # V-V layers whose maps are summed; 24 only (see the module docstring)
+    n_ctx: int = 12  # learnable context vectors per prompt ("Prompt_length")
+    deep_prompt_depth: int = 9  # deep prompts in text blocks 2..depth ("learnabel_text_embedding_depth")
+    deep_prompt_length: int = 4  # tokens per deep prompt ("learnabel_text_embedding_length")
+    fp16_deep_prompts: bool = True  # the reference rounds the deep prompts to fp16
+    temperature: float = 0.07  # fixed, not CLIP's learned logit scale
+    sigma: float = 4.0  # Gaussian smoothing of the 518×518 map (scipy defaults otherwise)
+    local_loss_weight: float = 4.0  # λ on the focal + Dice terms (train.py ``lam``)
+    checkpoint: str | None = None  # trained prompts: a zsadbench checkpoint or the authors' epoch_15.pth
+    train: TrainConfig = field(default_factory=TrainConfig)  # epochs 15, batch 8, Adam 1e-3 (0.5, 0.999), seed 111
+
+
+def class_probabilities(features: Tensor, text_features: Tensor, temperature: float) -> Tensor:
+    """Returns softmax over [normal, abnormal] of cos(features, text) / temperature, for (..., E) features."""
+    cosine = F.normalize(features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    return (cosine / temperature).softmax(dim=-1)
+
+
+def patch_probability_maps(patch_features: Tensor, text_features: Tensor, temperature: float,
+                           size: tuple[int, int]) -> Tensor:
+    """Returns (B, 2, H, W) [normal, abnormal] probabilities of the patch tokens, bilinearly upsampled to ``size``.
+
+    ``patch_features`` (B, 1 + P, E) include the CLS token, which is dropped; P must be a square grid.
+    """
+    probabilities = class_probabilities(patch_features[:, 1:], text_features, temperature)
+    batch, patches, _ = probabilities.shape
+    side = int(patches ** 0.5)
+    if side * side != patches:
+        raise ValueError(f"{patches} patch tokens do not form a square grid")
+    grid = probabilities.reshape(batch, side, side, 2).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+
+@register_method("anomalyclip")
+class AnomalyCLIP(Detector, Trainable):
+    """AnomalyCLIP: object-agnostic learnable prompts scored against DPAM (V-V) patch features."""
+
+    label = "AnomalyCLIP"
+    Config = AnomalyCLIPConfig
+
+    def __init__(self, config: AnomalyCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
+        super().__init__(config, seed=seed, **overrides)
+        cfg: AnomalyCLIPConfig = self.config
+        self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
+                                  pos_embed_mode=cfg.pos_embed_mode, seed=seed)  # type: ignore[arg-type]
+        self.clip = self.backbone.model
+        depth = len(self.clip.visual.transformer.resblocks)
+        bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
+        if not cfg.feature_layers or bad:
+            raise ValueError(f"anomalyclip: feature_layers {list(cfg.feature_layers)} must be V-V layers "
+                             f"{cfg.vv_start_layer}..{depth}")
+        self.prompt_learner = LearnablePrompts(
+            self.clip, cfg.model, n_ctx=cfg.n_ctx, texts=ANOMALYCLIP_TEXTS, deep_depth=cfg.deep_prompt_depth,
+            deep_length=cfg.deep_prompt_length, fp16_deep_prompts=cfg.fp16_deep_prompts, seed=cfg.train.seed)
+        self._transform = ClipTransform(cfg.image_size)
+        self._text_features: Tensor | None = None  # cached (2, E) for inference; reset when the prompts change
+        self.checkpoint_source: str | None = None
+        self._fitted = False  # trained in this session (no checkpoint needed to score meaningfully)
+        self._warned_untrained = False
+        if cfg.checkpoint:
+            self.load_checkpoint(cfg.checkpoint)
+
+    # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
+        return (self.config.image_size, self.config.image_size)
+
+    def transform(self, image: Image.Image) -> Tensor:
+        """Returns the (3, S, S) tensor: PIL bicubic squash to S×S, OpenAI mean/std."""
+        return self._transform(image)
+
+    def to(self, device: str | torch.device) -> AnomalyCLIP:
+        """Moves the backbone and the prompts to ``device``."""
+        super().to(device)
+        self.clip.to(self.device)
+        self.prompt_learner.to(self.device)
+        self._text_features = None
+        return self
+
+    def describe(self) -> dict[str, object]:
+        """Returns the backbone facts and the checkpoint the prompts came from (sha256), or ``untrained``."""
+        return {**self.backbone.describe(), "prompts": self.checkpoint_source or "untrained (random init)",
+                "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
+
+    # ---- 2. visual features (DPAM) -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Returns global features (B, E) and patch features (B, 1 + P, E) per map layer, not normalised."""
+        visual = self.clip.visual
+        out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
+                                vv_taps=tuple(self.config.feature_layers))
+        return out.global_feature, out.patch_features(visual, self.config.feature_layers)
+
+    # ---- 3. text features (object-agnostic prompts) ------------------------------------------------------------------
+    def text_features(self) -> Tensor:
+        """Returns the (2, E) [normal, abnormal] text features (with grad in training; cached for inference)."""
+        if torch.is_grad_enabled() and self.prompt_learner.training:
+            return self.prompt_learner(self.clip)
+        if self._text_features is None:
+            with torch.no_grad():
+                self._text_features = self.prompt_learner(self.clip).detach()
+        return self._text_features
+
+    # ---- 4. scoring --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: Tensor, category: str) -> Prediction:
+        """Returns image scores (B,) and anomaly maps (B, S, S) for a preprocessed batch (the category is not used)."""
+        del category  # object-agnostic: the same prompts for every category
+        if self.checkpoint_source is None and not self._fitted and not self._warned_untrained:
+            self._warned_untrained = True
+            warnings.warn("anomalyclip: no checkpoint loaded, the prompts are untrained (random initialisation); pass "
+                          "--checkpoint (a zsadbench training or the authors' epoch_15.pth)", UserWarning, stacklevel=3)
+        text = self.text_features()
+        global_features, patch_features = self.encode_images(images)
+        scores = class_probabilities(global_features, text, self.config.temperature)[:, 1]
+        maps = torch.zeros((images.shape[0], *self.input_size), device=self.device)
+        for features in patch_features:
+            probabilities = patch_probability_maps(features, text, self.config.temperature, self.input_size)
+            maps = maps + (probabilities[:, 1] + 1 - probabilities[:, 0]) / 2
+        return Prediction(scores, gaussian_filter(maps, self.config.sigma))
+
+    # ---- 5. training -------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Returns the learnable prompts: both context tensors and the deep prompts."""
+        return list(self.prompt_learner.parameters())
+
+    def set_train_mode(self, training: bool) -> None:
+        """Marks the prompts as training (text features then carry gradients) or not; drops cached text features."""
+        self.prompt_learner.train(training)
+        self._text_features = None
+
+    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Returns the reference losses of one batch: CE on the global logits + λ·(focal + 2 Dice) per map layer."""
+        cfg = self.config
+        global_features, patch_features = self.encode_images(images)
+        text = self.prompt_learner(self.clip)
+        logits = F.normalize(global_features, dim=-1) @ F.normalize(text, dim=-1).T / cfg.temperature
+        image_loss = F.cross_entropy(logits, labels.long())
+        focal = dice_abnormal = dice_normal = logits.new_zeros(())
+        for features in patch_features:
+            probabilities = patch_probability_maps(features, text, cfg.temperature, self.input_size)
+            focal = focal + focal_loss(probabilities, masks)
+            dice_abnormal = dice_abnormal + binary_dice_loss(probabilities[:, 1], masks)
+            dice_normal = dice_normal + binary_dice_loss(probabilities[:, 0], 1 - masks)
+        loss = cfg.local_loss_weight * (focal + dice_abnormal + dice_normal) + image_loss
+        self._text_features = None
+        self._fitted = True
+        return {"loss": loss, "image_loss": image_loss.detach(), "focal": focal.detach(),
+                "dice_abnormal": dice_abnormal.detach(), "dice_normal": dice_normal.detach()}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Returns the learnable prompts as ``prompt_learner.<reference key>`` tensors (CPU copies)."""
+        return {f"prompt_learner.{k}": v.detach().cpu().clone() for k, v in self.prompt_learner.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restores the prompts from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        check_keys(state, expected, f"AnomalyCLIP state (n_ctx {self.config.n_ctx}, deep prompts "
+                                    f"{self.config.deep_prompt_depth - 1} x {self.config.deep_prompt_length})")
+        prefix = len("prompt_learner.")
+        self.prompt_learner.load_state_dict({k[prefix:]: v for k, v in state.items()}, strict=True)
+        self._text_features = None
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Loads a zsadbench checkpoint or the authors' ``{"prompt_learner": ...}`` file (epoch_15.pth)."""
+        checkpoint = read_checkpoint(path)
+        try:
+            if isinstance(checkpoint.get("prompt_learner"), dict):  # the authors' layout (spec §7)
+                self.prompt_learner.load_reference_state(checkpoint["prompt_learner"], str(path))
+                self._text_features = None
+            else:
+                self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
+        except CheckpointError as exc:
+            message = str(exc)
+            raise CheckpointError(message if str(path) in message else f"checkpoint {path}: {message}") from None
+        self.checkpoint_source = f"sha256:{file_sha256(path)}"
+

@@ -1,0 +1,153 @@
+"""Learnable text prompts: AnomalyCLIP's object-agnostic prompts with deep text prompts, AdaptCLIP's input prompts.
+
+Two prompts, normal and abnormal, each ``[SOT] X_1 .. X_n <text> [EOT]`` where the n placeholder embeddings are
+learned context vectors (CoOp style) and ``<text>`` is fixed: AnomalyCLIP "object." / "damaged object.", AdaptCLIP's
+textual adapter "." / "." (its ``deep_depth`` is 1: input layer only).
+
+Deep prompts (AnomalyCLIP ``compound_prompts_text``): ``deep_depth - 1`` learned (t, W) tensors, shared by both
+prompts, that **overwrite** token positions 1..t of the input of text blocks 2..deep_depth (zqhang/AnomalyCLIP#75:
+overwriting, not the concatenation of early paper versions). The reference casts them to fp16 before concatenating
+them with the fp32 tokens, so they are effectively rounded to fp16 in the forward pass, and their gradients are
+rounded to fp16 per prompt sequence in the backward pass; ``fp16_deep_prompts`` reproduces both.
+
+Parameter names follow the reference's state-dict keys (``ctx_pos`` = normal context, ``ctx_neg`` = abnormal
+context, ``compound_prompts_text.{i}``), so the authors' checkpoints map onto the module one to one; the frozen token
+embeddings around the context (the reference's ``token_prefix_*`` / ``token_suffix_*`` buffers) are recomputed from
+the backbone and are not part of the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from zsadbench.checkpoints import CheckpointError
+from zsadbench.clip.text import TextTower, encode_text_embeddings, end_of_text_index, tokenize
+
+log = logging.getLogger(__name__)
+
+ANOMALYCLIP_TEXTS = ("object.", "damaged object.")  # "{}" and "damaged {}" with the class word "object"
+PLACEHOLDER = "X"  # the reference tokenises n "X" placeholders, then swaps their embeddings for the context
+
+
+class LearnablePrompts(nn.Module):
+    """A normal and an abnormal learnable prompt (+ optional deep prompts) for a CLIP text tower."""
+
+    def __init__(self, clip: nn.Module, model_name: str, *, n_ctx: int = 12,
+                 texts: Sequence[str] = ANOMALYCLIP_TEXTS, deep_depth: int = 9, deep_length: int = 4,
+                 fp16_deep_prompts: bool = True, init_std: float = 0.02, seed: int = 0) -> None:
+        super().__init__()
+        if len(texts) != 2:
+            raise ValueError(f"LearnablePrompts needs two texts (normal, abnormal), got {list(texts)}")
+        tower = TextTower(clip)
+        token_embedding = tower.token_embedding
+        text_blocks = len(tower.transformer.resblocks)
+        if not 1 <= deep_depth <= text_blocks:
+            raise ValueError(f"deep prompt depth {deep_depth} is outside 1..{text_blocks} (text blocks)")
+        self.n_ctx, self.deep_depth, self.deep_length = n_ctx, deep_depth, deep_length
+        self.fp16_deep_prompts = fp16_deep_prompts
+        self.texts = tuple(texts)
+        width = token_embedding.weight.shape[1]
+        generator = torch.Generator().manual_seed(seed)
+        # init order as the reference: normal context, abnormal context, then the deep prompts
+        self.ctx_pos = nn.Parameter(init_std * torch.randn(1, 1, n_ctx, width, generator=generator))
+        self.ctx_neg = nn.Parameter(init_std * torch.randn(1, 1, n_ctx, width, generator=generator))
+        self.compound_prompts_text = nn.ParameterList(
+            [nn.Parameter(init_std * torch.randn(deep_length, width, generator=generator))
+             for _ in range(deep_depth - 1)])
+        prompts = [" ".join([PLACEHOLDER] * n_ctx) + " " + text for text in self.texts]
+        token_ids = tokenize(model_name, prompts).to(token_embedding.weight.device)
+        if token_ids[:, -1].ne(0).any():  # the tokenizer truncates silently; a full row means it did
+            raise ValueError(f"prompts {prompts} do not fit the text context of {token_ids.shape[1]} tokens")
+        with torch.no_grad():
+            embeddings = token_embedding(token_ids).float()
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        self.register_buffer("token_embeddings", embeddings, persistent=False)
+
+    def input_embeddings(self) -> Tensor:
+        """Returns the (2, L, W) text-encoder input: [SOT] embedding, learned context, embeddings of the rest."""
+        context = torch.cat([self.ctx_pos.reshape(1, self.n_ctx, -1), self.ctx_neg.reshape(1, self.n_ctx, -1)])
+        frozen = self.token_embeddings
+        return torch.cat([frozen[:, :1], context.to(frozen.dtype), frozen[:, 1 + self.n_ctx:]], dim=1)
+
+    def deep_prompts(self) -> dict[int, Tensor]:
+        """Returns {1-based text block: (2, t, W) tokens that overwrite positions 1..t of that block's input}."""
+        out = {}
+        for index, prompt in enumerate(self.compound_prompts_text):
+            per_sequence = prompt.unsqueeze(0).expand(2, -1, -1)
+            if self.fp16_deep_prompts:  # expanded first: the reference's gradient is rounded per sequence
+                per_sequence = per_sequence.half().float()
+            out[index + 2] = per_sequence
+        return out
+
+    def forward(self, clip: nn.Module) -> Tensor:
+        """Returns the (2, E) text features [normal; abnormal] of the prompts (not normalised)."""
+        return encode_text_embeddings(clip, self.input_embeddings(), end_of_text_index(self.token_ids),
+                                      deep_prompts=self.deep_prompts() or None)
+
+    # --- the authors' checkpoint layout (zqhang/AnomalyCLIP prompt_learner, gaobb/AdaptCLIP textual_learner) ---
+
+    def reference_buffers(self) -> dict[str, Tensor]:
+        """Returns the frozen buffers the reference stores beside the parameters (prefix/suffix embeddings, ids)."""
+        e, ids, n = self.token_embeddings, self.token_ids, self.n_ctx
+        out = {}
+        for row, tag in enumerate(("pos", "neg")):
+            out[f"token_prefix_{tag}"] = e[row, :1].reshape(1, 1, 1, -1)
+            out[f"token_suffix_{tag}"] = e[row, 1 + n:].reshape(1, 1, e.shape[1] - 1 - n, -1)
+            out[f"tokenized_prompts_{tag}"] = ids[row].reshape(1, 1, -1).to(torch.int32)
+        return out
+
+    def reference_state_dict(self, projections: int = 896) -> dict[str, Tensor]:
+        """Returns the state in the reference's full key layout (with its unused ``compound_prompt_projections``)."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        state.update({k: v.clone() for k, v in self.reference_buffers().items()})
+        width = self.ctx_pos.shape[-1]
+        for i in range(self.deep_depth - 1):  # created but never used by the reference (zqhang/AnomalyCLIP#102)
+            state[f"compound_prompt_projections.{i}.weight"] = torch.zeros(projections, width)
+            state[f"compound_prompt_projections.{i}.bias"] = torch.zeros(projections)
+        return state
+
+    def load_reference_state(self, state: dict[str, Tensor], source: str) -> None:
+        """Loads a state dict in the reference layout, checking the frozen buffers it carries.
+
+        Parameters must all be present with the right shapes; the token-id buffers must equal ours (else the prompt
+        templates differ); prefix/suffix embeddings that differ from this backbone's only warn (they are recomputed,
+        and differ when the checkpoint was trained on other CLIP weights); the unused projections are ignored.
+        """
+        own = self.state_dict()
+        buffers = self.reference_buffers()
+        params = {k: v for k, v in state.items() if k in own}
+        ignored = sorted(k for k in state if k.startswith("compound_prompt_projections."))
+        unexpected = sorted(k for k in state if k not in own and k not in buffers and k not in ignored)
+        missing = sorted(k for k in own if k not in state)
+        wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in sorted(params)
+                 if tuple(state[k].shape) != tuple(own[k].shape)]
+        wrong += [f"{k}: {tuple(state[k].shape)} != {tuple(buffers[k].shape)}" for k in sorted(buffers)
+                  if k in state and tuple(state[k].shape) != tuple(buffers[k].shape)]
+        if missing or unexpected or wrong:
+            parts = [f"checkpoint {source} does not fit the prompt learner (n_ctx {self.n_ctx}, deep prompts "
+                     f"{self.deep_depth - 1} x {self.deep_length}, width {self.ctx_pos.shape[-1]})"]
+            if missing:
+                parts.append(f"missing keys: {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys: {', '.join(unexpected)}")
+            if wrong:
+                parts.append(f"wrong shapes: {'; '.join(wrong)}")
+            raise CheckpointError("; ".join(parts))
+        for tag in ("pos", "neg"):
+            key = f"tokenized_prompts_{tag}"
+            if key in state and not torch.equal(state[key].to(torch.int64).cpu(), buffers[key].to(torch.int64).cpu()):
+                raise CheckpointError(f"checkpoint {source}: {key} differs from this prompt learner's tokens "
+                                      f"(prompt texts {self.texts}, {self.n_ctx} context tokens)")
+        differing = [k for k in buffers if k.startswith("token_") and k in state
+                     and not torch.equal(state[k].float().cpu(), buffers[k].float().cpu())]
+        if differing:
+            warnings.warn(f"checkpoint {source}: the frozen token embeddings it stores ({', '.join(differing)}) differ "
+                          "from this backbone's; it was trained on other CLIP weights", UserWarning, stacklevel=2)
+        if ignored:
+            log.info("checkpoint %s: ignoring %d unused compound_prompt_projections tensors", source, len(ignored))
+        self.load_state_dict(params, strict=True)
