@@ -1,4 +1,6 @@
 """Built-in method plugins; importing this package registers them (zsadbench.methods)."""
 
-from zsadbench.methods import anomalyclip  # noqa: E402,F401  (registers "anomalyclip")
-from zsadbench.methods import winclip  # noqa: E402,F401  (registers "winclip")
+from zsadbench.methods import (
+    anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
+    winclip,  # noqa: E402,F401  (registers "winclip")
+)

@@ -109,6 +109,9 @@ class AnomalyCLIP(Detector, Trainable):
 
     label = "AnomalyCLIP"
     Config = AnomalyCLIPConfig
+    # untrained prompts on a tiny seeded backbone: guards the whole inference path (DPAM, prompts, scoring, smoothing)
+    regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",
+                                         "image_size": 56}}
 
     def __init__(self, config: AnomalyCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
         super().__init__(config, seed=seed, **overrides)
@@ -179,7 +182,8 @@ class AnomalyCLIP(Detector, Trainable):
     def predict(self, images: Tensor, category: str) -> Prediction:
         """Returns image scores (B,) and anomaly maps (B, S, S) for a preprocessed batch (the category is not used)."""
         del category  # object-agnostic: the same prompts for every category
-        if self.checkpoint_source is None and not self._fitted and not self._warned_untrained:
+        untrained = self.checkpoint_source is None and not self._fitted and self.backbone.weights_source != "random"
+        if untrained and not self._warned_untrained:
             self._warned_untrained = True
             warnings.warn("anomalyclip: no checkpoint loaded, the prompts are untrained (random initialisation); pass "
                           "--checkpoint (a zsadbench training or the authors' epoch_15.pth)", UserWarning, stacklevel=3)

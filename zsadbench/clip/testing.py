@@ -3,6 +3,12 @@
 open_clip's own initialisation hides several bugs: LayerNorms are identity, attention biases are zero, and
 exp(logit_scale) equals 1/0.07, the fixed temperature the methods use. :func:`clip_like_state_dict` perturbs those so a
 dropped LayerNorm affine, a missing q/k/v or output bias, or the wrong temperature changes the numbers.
+
+Random towers are useless for *learning* tests: their patch features are dominated by the random positional embedding
+and deep random mixing, and share no common component, so a trained text prompt cannot separate defects from
+background (the prompt scorer ``softmax(cos / 0.07)`` has no intercept of its own). :func:`appearance_state_dict`
+makes a seeded random tower CLIP-like in exactly those two respects, so that tests of trainable methods measure a real
+learning signal.
 """
 
 from __future__ import annotations
@@ -39,6 +45,30 @@ def clip_like_state_dict(model: str, seed: int = 0, qk_gain: float = 2.0) -> dic
             value[: 2 * vision_width] *= qk_gain  # sharper attention: not near-uniform over the tokens
             state[key] = value
     state["logit_scale"] = torch.tensor(math.log(100.0))
+    return state
+
+
+def appearance_state_dict(model: str, seed: int = 0, residual_scale: float = 0.1,
+                          common_component: float = 1.0) -> dict[str, Tensor]:
+    """Returns a seeded random state dict whose patch features encode local appearance (for learning tests).
+
+    The patch embedding averages each patch's colour through a random 3 -> width map (texture and position do not
+    drown the colour of a defect), the positional embedding is zero, the vision blocks' residual branches are damped by
+    ``residual_scale`` (features stay close to the patch embedding, as in early CLIP layers), and ``ln_post`` gets a
+    random bias of scale ``common_component``: the shared direction that pretrained CLIP features have and that the
+    prompt scorer uses as its intercept. The text tower is open_clip's random one.
+    """
+    state = {k: v.detach().clone() for k, v in load_clip(model, "random", seed=seed).model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed + 2_000_003)
+    conv = state["visual.conv1.weight"]
+    colour_map = torch.randn(conv.shape[0], conv.shape[1], 1, 1, generator=generator)
+    state["visual.conv1.weight"] = (colour_map / (conv.shape[2] * conv.shape[3])).expand_as(conv).clone()
+    state["visual.positional_embedding"] = torch.zeros_like(state["visual.positional_embedding"])
+    for key in state:
+        if key.startswith("visual.") and key.endswith(("attn.out_proj.weight", "mlp.c_proj.weight")):
+            state[key] = state[key] * residual_scale
+    bias = state["visual.ln_post.bias"]
+    state["visual.ln_post.bias"] = common_component * torch.randn(bias.shape, generator=generator)
     return state
 
 

@@ -113,15 +113,16 @@ def encode_text_embeddings(clip: ClipModel, embeddings: Tensor, eot_index: Tenso
                            attention_fn: AttentionFn = attention) -> Tensor:
     """Returns (N, E) text features (unnormalised) of (N, L, W) token embeddings; pooled at ``eot_index``.
 
-    ``deep_prompts`` maps a 1-based text block number k to a (t, W) tensor that overwrites token positions 1..t of
-    that block's input (AnomalyCLIP: blocks 2..9, t = 4). Positional embeddings are added here.
+    ``deep_prompts`` maps a 1-based text block number k to a (t, W) tensor (shared by all sequences) or an (N, t, W)
+    one that overwrites token positions 1..t of that block's input (AnomalyCLIP: blocks 2..9, t = 4). Positional
+    embeddings are added here.
     """
     tower = TextTower(clip)
     count, length, _ = embeddings.shape
     if tower.causal:
         length = min(length, int(eot_index.max()) + 1)
         if deep_prompts:
-            length = max(length, 1 + max(p.shape[0] for p in deep_prompts.values()))
+            length = max(length, 1 + max(p.shape[-2] for p in deep_prompts.values()))
     x = embeddings[:, :length] + tower.positional_embedding[:length].to(embeddings.dtype)
     mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
     blocks = tower.transformer.resblocks
@@ -132,7 +133,9 @@ def encode_text_embeddings(clip: ClipModel, embeddings: Tensor, eot_index: Tenso
     for number, block in enumerate(blocks, start=1):
         if deep_prompts and number in deep_prompts:
             prompt = deep_prompts[number].to(x.dtype)
-            x = torch.cat([x[:, :1], prompt.unsqueeze(0).expand(count, -1, -1), x[:, 1 + prompt.shape[0]:]], dim=1)
+            if prompt.dim() == 2:
+                prompt = prompt.unsqueeze(0).expand(count, -1, -1)
+            x = torch.cat([x[:, :1], prompt, x[:, 1 + prompt.shape[1]:]], dim=1)
         x = block_forward(block, x, mask, attention_fn)
     x = tower.ln_final(x)
     pooled = x[torch.arange(count, device=x.device), eot_index]
