@@ -69,6 +69,7 @@ class AnomalyCLIPConfig:
     pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
     image_size: int = 518
     pos_embed_mode: str = "bilinear"  # the reference's F.interpolate(mode="bilinear") of the 24×24 grid
+    activation: str = "auto"  # "auto" follows the weights: QuickGELU for OpenAI's (open_clip >= 3 would build GELU)
     vv_start_layer: int = 6  # first V-V (DPAM) block: DPAM_layer=20 replaces blocks -1..-19 of 24
     feature_layers: tuple[int, ...] = (24,)  # V-V layers whose maps are summed; 24 only (see the module docstring)
     n_ctx: int = 12  # learnable context vectors per prompt ("Prompt_length")
@@ -117,7 +118,8 @@ class AnomalyCLIP(Detector, Trainable):
         super().__init__(config, seed=seed, **overrides)
         cfg: AnomalyCLIPConfig = self.config
         self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, seed=seed)  # type: ignore[arg-type]
+                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation,  # type: ignore[arg-type]
+                                  seed=seed)
         self.clip = self.backbone.model
         depth = len(self.clip.visual.transformer.resblocks)
         bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
@@ -169,9 +171,7 @@ class AnomalyCLIP(Detector, Trainable):
 
     # ---- 3. text features (object-agnostic prompts) ------------------------------------------------------------------
     def text_features(self) -> Tensor:
-        """Returns the (2, E) [normal, abnormal] text features (with grad in training; cached for inference)."""
-        if torch.is_grad_enabled() and self.prompt_learner.training:
-            return self.prompt_learner(self.clip)
+        """Returns the (2, E) [normal, abnormal] text features for inference (computed once per prompt state)."""
         if self._text_features is None:
             with torch.no_grad():
                 self._text_features = self.prompt_learner(self.clip).detach()

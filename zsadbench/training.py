@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -189,7 +189,7 @@ def fit(detector: Trainable, train_data: Dataset, *, checkpoint_dir: str | Path 
             if tracker is not None:
                 tracker.log_metrics({f"epoch/{k}": v for k, v in means.items()}, step=epoch + 1)
             if checkpoint_folder is not None:
-                path = write_checkpoint(checkpoint_payload(detector, epoch + 1, {"training": {
+                path = write_checkpoint(checkpoint_payload(cast("Detector", detector), epoch + 1, {"training": {
                     "optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(generator),
                     "epoch_loss": means}}), checkpoint_folder / f"epoch_{epoch + 1}.pth")
                 result.checkpoints.append(path)
@@ -264,7 +264,7 @@ def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_
     if spec is None:
         raise ValueError("train() needs a TrainSpec or a run id to resume")
 
-    method_cls = get_method(spec.method)
+    method_cls = cast("type[Detector]", get_method(spec.method))
     if not issubclass(method_cls, Trainable):
         raise ValueError(f"method {spec.method!r} is not trainable (it has no learnable parts to fit)")
     dataset = get_dataset(spec.dataset).load(spec.data_root, **spec.dataset_options)
@@ -295,8 +295,8 @@ def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_
         **{f"config.{k}": v for k, v in detector.resolved_config().items()},
         **environment(), **detector.describe()})
     try:
-        result = fit(detector, dataset, checkpoint_dir=run_dir, resume_from=resume_file, tracker=tracker,
-                     progress=progress)
+        result = fit(cast("Trainable", detector), dataset, checkpoint_dir=run_dir, resume_from=resume_file,
+                     tracker=tracker, progress=progress)
     except KeyboardInterrupt:
         tracker.finish("interrupted")
         log.error("interrupted; resume with: zsadbench train --resume %s", run_id)

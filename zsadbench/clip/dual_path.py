@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from zsadbench.clip.attention import attend, block_forward, merge_heads, project_qkv
+from zsadbench.clip.backbone import VisionTower
 from zsadbench.clip.vision import check_supported, embed_patches, project_tokens
 
 HeadWeightsFn = Callable[[int, Tensor], Tensor | None]
@@ -49,7 +50,7 @@ class DualPathOutput:
     vv_taps: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, 1 + P, D) V-V stream v_l (raw)
     original_taps: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, 1 + P, D) original stream o_l
 
-    def patch_features(self, visual: nn.Module, layers: Sequence[int]) -> list[Tensor]:
+    def patch_features(self, visual: VisionTower, layers: Sequence[int]) -> list[Tensor]:
         """Returns ``ln_post(v_l) @ proj`` (B, 1 + P, E) for each tapped V-V layer l, in the order asked."""
         return [project_tokens(visual, self.vv_taps[layer]) for layer in layers]
 
@@ -64,7 +65,7 @@ def _head_weighted(layer: int, head_weights: HeadWeightsFn) -> Callable[[nn.Mult
     return attention_fn
 
 
-def forward_dual_path(visual: nn.Module, images: Tensor, *, start_layer: int = 6, vv_taps: Sequence[int] = (24,),
+def forward_dual_path(visual: VisionTower, images: Tensor, *, start_layer: int = 6, vv_taps: Sequence[int] = (24,),
                       original_taps: Sequence[int] = (), head_weights: HeadWeightsFn | None = None) -> DualPathOutput:
     """Returns the global feature, the final tokens and the requested taps of both streams of the dual-path tower.
 

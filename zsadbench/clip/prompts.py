@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import CheckpointError
+from zsadbench.clip.backbone import ClipModel
 from zsadbench.clip.text import TextTower, encode_text_embeddings, end_of_text_index, tokenize
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ PLACEHOLDER = "X"  # the reference tokenises n "X" placeholders, then swaps thei
 class LearnablePrompts(nn.Module):
     """A normal and an abnormal learnable prompt (+ optional deep prompts) for a CLIP text tower."""
 
-    def __init__(self, clip: nn.Module, model_name: str, *, n_ctx: int = 12,
+    token_ids: Tensor  # (2, L) token ids of the two prompts (buffer, not saved)
+    token_embeddings: Tensor  # (2, L, W) their frozen token embeddings (buffer, not saved)
+
+    def __init__(self, clip: ClipModel, model_name: str, *, n_ctx: int = 12,
                  texts: Sequence[str] = ANOMALYCLIP_TEXTS, deep_depth: int = 9, deep_length: int = 4,
                  fp16_deep_prompts: bool = True, init_std: float = 0.02, seed: int = 0) -> None:
         super().__init__()
@@ -84,7 +88,7 @@ class LearnablePrompts(nn.Module):
             out[index + 2] = per_sequence
         return out
 
-    def forward(self, clip: nn.Module) -> Tensor:
+    def forward(self, clip: ClipModel) -> Tensor:
         """Returns the (2, E) text features [normal; abnormal] of the prompts (not normalised)."""
         return encode_text_embeddings(clip, self.input_embeddings(), end_of_text_index(self.token_ids),
                                       deep_prompts=self.deep_prompts() or None)
