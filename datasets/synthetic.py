@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -214,17 +215,18 @@ def load_synthetic(root: Path | None = None, *, image_size: int = 128, n_train: 
 
     if isinstance(categories, str):
         categories = tuple(c.strip() for c in categories.split(",") if c.strip())
-    options = {"image_size": int(image_size), "n_train": int(n_train), "n_test_normal": int(n_test_normal),
-               "n_test_anomalous": int(n_test_anomalous), "categories": list(categories), "seed": int(seed)}
-    if min(options["n_test_normal"], options["n_test_anomalous"]) < 0 or options["image_size"] < 16:
-        raise ValueError(f"synthetic options out of range: {options}")
+    counts = {"image_size": int(image_size), "n_train": int(n_train), "n_test_normal": int(n_test_normal),
+              "n_test_anomalous": int(n_test_anomalous), "seed": int(seed)}
+    if min(counts["n_train"], counts["n_test_normal"], counts["n_test_anomalous"]) < 0 or counts["image_size"] < 16:
+        raise ValueError(f"synthetic options out of range: {counts}")
+    options: dict[str, Any] = {**counts, "categories": list(categories)}
     target = Path(root) if root is not None else _cache_root(options)
     manifest = target / "synthetic.json"
     if not manifest.is_file() or json.loads(manifest.read_text()) != {"version": VERSION, **options}:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=target.parent))
         try:  # generate aside, then move into place: an interrupted generation never looks complete
-            generate(staging, **{**options, "categories": tuple(categories)})
+            generate(staging, **counts, categories=tuple(categories))
             (staging / "synthetic.json").write_text(json.dumps({"version": VERSION, **options}, sort_keys=True))
             if target.exists():
                 shutil.rmtree(target)

@@ -95,7 +95,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int], mode: str = "bilinear")
     """Returns the boolean mask resized to (H, W): PIL bilinear then > 0.5 (the references' rule), or nearest."""
     if mask.shape == tuple(size):
         return mask
-    resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[mode]
+    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}[mode]
     image = Image.fromarray(mask.astype(np.uint8) * 255)
     resized = np.asarray(image.resize((size[1], size[0]), resample), dtype=np.float32) / 255.0
     return resized > 0.5

@@ -195,8 +195,9 @@ def evaluate_category(detector: Detector, dataset: Dataset, category: str, optio
         if on_batch is not None:
             on_batch(batch_samples, scores, maps)
         if pixel:
-            map_arrays = _to_mask_size(maps, masks) if options.resolution == "native" else list(maps.numpy())
-            accumulator.update(scores, labels, map_arrays, masks)
+            known_masks = [m for m in masks if m is not None]  # every mask is read when the category is pixel-level
+            map_arrays = _to_mask_size(maps, known_masks) if options.resolution == "native" else list(maps.numpy())
+            accumulator.update(scores, labels, map_arrays, known_masks)
         else:
             map_arrays = list(maps.numpy())
             accumulator.update(scores, labels)

@@ -17,16 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zsadbench.types import Dataset
+
+if TYPE_CHECKING:
+    from zsadbench.detector import Detector
 
 log = logging.getLogger(__name__)
 
 METHOD_GROUP = "zsadbench.methods"
 DATASET_GROUP = "zsadbench.datasets"
 
-_methods: dict[str, type] = {}
+_methods: dict[str, type[Detector]] = {}
 _datasets: dict[str, DatasetInfo] = {}
 _discovered = False
 
@@ -50,10 +53,10 @@ class DatasetInfo:
         return self.loader(None if root is None else Path(root).expanduser(), **options)
 
 
-def register_method(name: str) -> Callable[[type], type]:
+def register_method(name: str) -> Callable[[type[Detector]], type[Detector]]:
     """Returns a class decorator that registers a Detector subclass under ``name``."""
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type[Detector]) -> type[Detector]:
         if name in _methods and _methods[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_methods[name].__module__}")
         cls.name = name
@@ -110,7 +113,7 @@ def _discover() -> None:
         _datasets[ep.name] = info or DatasetInfo(ep.name, obj, description=(obj.__doc__ or "").strip())
 
 
-def get_method(name: str) -> type:
+def get_method(name: str) -> type[Detector]:
     """Returns the Detector class registered as ``name``."""
     _discover()
     try:
@@ -128,7 +131,7 @@ def get_dataset(name: str) -> DatasetInfo:
         raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(sorted(_datasets)) or 'none'}") from None
 
 
-def list_methods() -> dict[str, type]:
+def list_methods() -> dict[str, type[Detector]]:
     """Returns every registered method, by name."""
     _discover()
     return dict(sorted(_methods.items()))

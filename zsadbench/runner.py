@@ -108,8 +108,8 @@ def run(spec: RunSpec | None = None, *, resume: str | None = None, tracking_uri:
                                     f"{results_dir() / 'runs'})")
         spec = RunSpec.from_json(json.loads(state.read_text())["spec"])
         for file in sorted((run_dir / "categories").glob("*.json")):
-            result = CategoryResult.from_json(json.loads(file.read_text()))
-            done[result.category] = result
+            finished_category = CategoryResult.from_json(json.loads(file.read_text()))
+            done[finished_category.category] = finished_category
     if spec is None:
         raise ValueError("run() needs a RunSpec or a run id to resume")
 

@@ -90,6 +90,12 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         self.run_id: str | None = None
 
+    @property
+    def _run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run started; call start() or resume() first")
+        return self.run_id
+
     def start(self, run_name: str, tags: dict[str, str] | None = None) -> str:
         """Starts a new run and returns its id."""
         run = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -108,7 +114,7 @@ class Tracker:
         """Logs parameters (values stringified; over-long values are truncated with a marker)."""
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
+        existing = self.client.get_run(self._run).data.params
         items = []
         for key, value in params.items():
             text = str(value)
@@ -117,7 +123,7 @@ class Tracker:
             if key not in existing:  # MLflow refuses to change a logged parameter (resumed runs re-log)
                 items.append(Param(key, text))
         for begin in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[begin:begin + 100])
+            self.client.log_batch(self._run, params=items[begin:begin + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Logs metrics (NaN values are stored as NaN)."""
@@ -126,23 +132,23 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v) if v is not None else math.nan, now, step) for k, v in metrics.items()]
         for begin in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[begin:begin + 1000])
+            self.client.log_batch(self._run, metrics=items[begin:begin + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Sets run tags."""
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(self._run, key, value)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         """Uploads a folder's files as run artifacts."""
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        self.client.log_artifacts(self._run, str(folder), artifact_path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Uploads one file as a run artifact (under ``artifact_path``)."""
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.client.log_artifact(self._run, str(path), artifact_path)
 
     def finish(self, status: str) -> None:
         """Ends the run: ``complete`` → FINISHED, ``interrupted`` → KILLED, anything else → FAILED."""
-        self.client.set_tag(self.run_id, STATUS_TAG, status)
+        self.client.set_tag(self._run, STATUS_TAG, status)
         mlflow_status = {"complete": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
-        self.client.set_terminated(self.run_id, status=mlflow_status)
+        self.client.set_terminated(self._run, status=mlflow_status)
