@@ -2,5 +2,6 @@
 
 from zsadbench.methods import (
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
+    musc,  # noqa: E402,F401  (registers "musc")
     winclip,  # noqa: E402,F401  (registers "winclip")
 )
