@@ -21,14 +21,12 @@ MuSc is training-free, prompt-free and transductive: it scores all unlabeled tes
 
 The mutual scoring is the cost centre, O(N^2 P^2 D) per category. :func:`mutual_scoring` computes it with blocked
 matrix products that use each image pair once for both directions, min reductions over the products, and
-``|a - b|^2 = 2 - 2 a.b`` on the unit-norm features, within a configurable memory budget (see its docstring).
+cdist's own formula folded into the product, within a configurable memory budget (see its docstring).
 
 Deliberate deviations from the reference (numerically equivalent unless stated):
 
 - LNAMD's r x r aggregation is ``avg_pool2d(count_include_pad=True)`` instead of Unfold + adaptive 1-D pooling (the
   same means; differences <= 5e-7); the per-image LayerNorm is computed once per layer instead of once per degree.
-- MSM squared distances are ``2 - 2 a.b`` (inputs are unit vectors) instead of ``cdist``'s ``|a|^2 + |b|^2 - 2 a.b``;
-  the two differ by the rows' norm error (~1e-7), far below the formula's own rounding noise near zero distance.
 - Fewer than 5 images in a scored set: the reference's interval average keeps ``int(0.3 (N - 1)) = 0`` values and
   silently returns NaN scores (xrli-U/MuSc#41). Here it is an error naming the set size, unless
   ``topmin_rounding="ceil"`` is chosen (the maintainer's suggestion: at least one other image is kept).
@@ -171,22 +169,25 @@ def _fits(others: int, topmin_min: float, topmin_max: float, rounding: str) -> b
 def mutual_scoring(features: Tensor, *, topmin_min: float = 0.0, topmin_max: float = 0.3,
                    rounding: Literal["floor", "ceil"] = "floor", memory_mb: float = 1024.0,
                    precision: Literal["fp32", "bf16"] = "fp32", progress: bool = False) -> Tensor:
-    """Returns (N, P) float64 MSM scores of (N, P, D) unit-norm patch features of one scored set.
+    """Returns (N, P) float64 MSM scores of the (N, P, D) patch features of one scored set.
 
-    Score of patch p of image i: with d_j = min_q |f[i, p] - f[j, q]| for every other image j, the mean of the
-    sorted d_j of ranks [lo, hi) (:func:`interval_bounds`; default: the smallest int(0.3 (N - 1))).
+    Score of patch p of image i: with d_j = min_q |f[i, p] - f[j, q]| (Euclidean) for every other image j, the mean
+    of the sorted d_j of ranks [lo, hi) (:func:`interval_bounds`; default: the smallest int(0.3 (N - 1))).
 
-    How it is computed: for image i and a chunk of partner images J, one product G = f[i] f[J]^T (P x |J|P) gives
-    the nearest-patch similarity in both directions: its row maxima per partner are d(i -> j), its column maxima are
-    d(j -> i). Each unordered pair is multiplied once (half the reference's work, which runs one ``cdist`` per image
-    against all others) and no distance matrix is ever materialised; squared distances are 2 - 2 max(a.b). The
-    per-pair nearest distances (N, N, P) float32 are kept so that the interval average can sort them.
+    How it is computed: for image i and a chunk of partner images J, ONE product gives the nearest patches in both
+    directions: its row maxima per partner give d(i -> j), its column maxima d(j -> i). Each unordered pair is
+    multiplied once (half the work of the reference, which runs one ``cdist`` per image against all others) and no
+    distance matrix is ever materialised. The product carries cdist's own formula, |a|^2 + |b|^2 - 2 a.b: rows
+    [a, -|a|^2/2, 1] times columns [b, 1, -|b|^2/2] give -d^2/2 (exact power-of-two scalings of the same terms), so
+    the rounding stays that of the reference's ``cdist`` matmul path. The nearest distances per image pair, (N, N, P)
+    float32, are kept so that the interval average can sort them.
 
-    Memory: ``memory_mb`` bounds that store plus the product chunk. When the store does not fit, the images are
-    processed in bands of rows: pairs inside a band still share their product, pairs across bands are multiplied
-    from both sides (up to the reference's cost), so any set size runs. The floor is one (N, P) row plus one
-    P x P product. ``precision="bf16"`` multiplies in bfloat16 (much faster on CPUs with AMX and on GPUs, scores
-    change by ~1e-3; never the default). Runs on the features' device.
+    Memory: ``memory_mb`` bounds that store, the product chunk and the augmented column copy of the features (built
+    per chunk instead when it does not fit). When the store does not fit, the images are processed in bands of rows:
+    pairs inside a band still share their product, pairs across bands are multiplied from both sides (up to the
+    reference's cost), so any set size runs; the floor is one (N, P) row plus one P x P product.
+    ``precision="bf16"`` multiplies in bfloat16 (much faster on CPUs with AMX and on GPUs; scores move by ~1e-3; never
+    the default). Runs on the features' device.
     """
     if features.ndim != 3:
         raise ValueError(f"mutual_scoring expects (N, P, D) features, got shape {tuple(features.shape)}")
@@ -197,30 +198,33 @@ def mutual_scoring(features: Tensor, *, topmin_min: float = 0.0, topmin_max: flo
         raise SetTooSmallError(f"mutual scoring needs at least 2 images in a scored set, got {n}")
     lo, hi = interval_bounds(n - 1, topmin_min, topmin_max, rounding)
     x = features.float()
-    norm_error = float((x.square().sum(-1) - 1).abs().max())
-    if not norm_error < 1e-3:
-        raise ValueError(f"mutual_scoring expects L2-normalised feature rows (max |norm^2 - 1| = {norm_error:.3g})")
-    if precision == "bf16":
-        x = x.to(torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    itemsize = 2 if precision == "bf16" else 4
 
     budget = memory_mb * 2**20
     row_bytes = n * patches * 4  # one image's row of the nearest-distance store
-    pair_bytes = patches * patches * 4  # one P x P product
+    pair_bytes = patches * patches * itemsize  # one P x P product
+    copy_bytes = n * patches * (dim + 2) * itemsize  # augmented columns of all images
     band = n if n * row_bytes + pair_bytes <= budget else max(1, int((budget - pair_bytes) // row_bytes))
-    chunk = max(1, min(8, n - 1, int((budget - band * row_bytes) // pair_bytes)))
-    if band * row_bytes + chunk * pair_bytes > budget:
+    spare = budget - band * row_bytes
+    hold_columns = spare - copy_bytes >= pair_bytes
+    per_partner = pair_bytes + (0 if hold_columns else patches * (dim + 2) * itemsize)
+    chunk = max(1, min(8, n - 1, int((spare - (copy_bytes if hold_columns else 0)) // per_partner)))
+    if band * row_bytes + chunk * per_partner > budget:
         log.warning("MSM: %d images x %d patches need at least %.0f MiB; the budget is %.0f MiB (running anyway)",
-                    n, patches, (row_bytes + pair_bytes) / 2**20, memory_mb)
+                    n, patches, (row_bytes + per_partner) / 2**20, memory_mb)
     if band < n:
         log.info("MSM: %d images do not fit %.0f MiB at once; bands of %d rows (cross-band pairs computed twice)",
                  n, memory_mb, band)
 
+    half_norms = x.square().sum(dim=-1).div_(2)  # (N, P): |f|^2 / 2, summed as cdist sums |f|^2
+    columns = _augmented_columns(x, half_norms, 0, n, dtype) if hold_columns else None
     scores = torch.empty(n, patches, dtype=torch.float64, device=features.device)
     bar = tqdm(total=n, desc="mutual scoring", unit="img", leave=False, disable=not progress)
     for start in range(0, n, band):
         stop = min(n, start + band)
-        best = _band_best_similarity(x, start, stop, chunk)
-        distances = (2 - 2 * best).clamp_(min=0).sqrt_()  # own image: -inf similarity -> +inf distance
+        best = _band_best_similarity(x, half_norms, columns, start, stop, chunk, dtype)
+        distances = best.mul_(-2).clamp_(min=0).sqrt_()  # own image: -inf -> +inf, never among the smallest
         for row in range(stop - start):
             kept = distances[row].topk(hi, dim=0, largest=False, sorted=True).values[lo:]
             scores[start + row] = kept.mean(dim=0).double()
@@ -230,19 +234,33 @@ def mutual_scoring(features: Tensor, *, topmin_min: float = 0.0, topmin_max: flo
     return scores
 
 
-def _band_best_similarity(x: Tensor, start: int, stop: int, chunk: int) -> Tensor:
-    """Returns (stop - start, N, P) float32: [i, j, p] = max_q x[i, p].x[j, q] for the band's rows; -inf at j == i."""
-    n, patches, dim = x.shape
-    flat = x.reshape(n * patches, dim)
+def _augmented_columns(x: Tensor, half_norms: Tensor, j0: int, j1: int, dtype: torch.dtype) -> Tensor:
+    """Returns ((j1 - j0) P, D + 2) rows [f, 1, -|f|^2/2] of images j0..j1-1 (the column side of the product)."""
+    rows = x[j0:j1].reshape(-1, x.shape[-1])
+    ones = torch.ones(rows.shape[0], 1, device=x.device)
+    return torch.cat([rows, ones, -half_norms[j0:j1].reshape(-1, 1)], dim=1).to(dtype)
+
+
+def _band_best_similarity(x: Tensor, half_norms: Tensor, columns: Tensor | None, start: int, stop: int, chunk: int,
+                          dtype: torch.dtype) -> Tensor:
+    """Returns (stop - start, N, P) float32: [i, j, p] = -min_q |x[i, p] - x[j, q]|^2 / 2; -inf at j == i."""
+    n, patches, _ = x.shape
     best = torch.full((stop - start, n, patches), float("-inf"), dtype=torch.float32, device=x.device)
+
+    def partners(j0: int, j1: int) -> Tensor:
+        if columns is not None:
+            return columns[j0 * patches:j1 * patches]
+        return _augmented_columns(x, half_norms, j0, j1, dtype)
+
     for i in range(start, stop):
-        own = x[i]
+        ones = torch.ones(patches, 1, device=x.device)
+        own = torch.cat([x[i], -half_norms[i, :, None], ones], dim=1).to(dtype)  # rows [f, -|f|^2/2, 1]
         for j0, j1 in _spans(i + 1, stop, chunk):  # partners inside the band: both directions from one product
-            product = own @ flat[j0 * patches:j1 * patches].T
+            product = own @ partners(j0, j1).T
             best[i - start, j0:j1] = product.view(patches, j1 - j0, patches).amax(dim=2).T
             best[j0 - start:j1 - start, i] = product.amax(dim=0).view(j1 - j0, patches)
         for j0, j1 in [*_spans(0, start, chunk), *_spans(stop, n, chunk)]:  # partners in other bands: this row only
-            product = own @ flat[j0 * patches:j1 * patches].T
+            product = own @ partners(j0, j1).T
             best[i - start, j0:j1] = product.view(patches, j1 - j0, patches).amax(dim=2).T
     return best
 

@@ -1,0 +1,136 @@
+"""Parity of zsadbench's MuSc with the reference (xrli-U/MuSc @ b76b93d) on identical random weights and inputs.
+
+The reference needs its own environment (vendored open_clip 2.16 fork, import-path tricks), so it is not run here:
+``shared/parity/ref_musc.py`` runs it on a weights file and records every intermediate (README-musc-winclip.md).
+This test reads that recording and recomputes each stage with zsadbench from the recorded inputs; it is skipped
+unless ``ZSADBENCH_MUSC_REF`` names the recording and ``ZSADBENCH_MUSC_WEIGHTS`` the weights file given to the driver.
+
+    python ref_musc.py --ref-root REF --weights W.pt --seed 0 --images 6 --out ref.pt     # reference venv
+    ZSADBENCH_MUSC_REF=ref.pt ZSADBENCH_MUSC_WEIGHTS=W.pt nox -s parity -- -k musc         # here
+    python tests/test_parity_musc.py ref.pt W.pt                                           # prints the differences
+
+Stages and tolerances (spec musc.md §11): positional embedding 1e-6; tokens after blocks 6/12/18/24 relative 1e-5;
+image embedding 1e-5; LNAMD 1e-5 (the reference's LayerNorm of 1.4M values per image in float32 carries ~1e-6);
+per-layer MSM scores 1e-5; combined patch scores, maps, raw image scores and RsCIN scores 1e-5; divisions exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.parity
+
+
+def parity_report(reference_file: str, weights_file: str) -> dict[str, float | bool]:
+    """Returns the max abs (or relative) differences of every stage between the recording and zsadbench."""
+    from zsadbench.methods.musc import (
+        MuSc,
+        aggregate_neighbourhood,
+        divide,
+        layer_norm_grid,
+        mutual_scoring,
+        rscin,
+    )
+
+    from zsadbench.detector import ImageSet
+    from zsadbench.types import Sample
+
+    ref = torch.load(reference_file, map_location="cpu", weights_only=False)
+    meta = ref["meta"]
+    size = int(meta["img_size"])
+    layers = tuple(meta["feature_layers_0based"])
+    detector = MuSc(model=meta["arch"], pretrained=weights_file, image_size=size, feature_layers=layers,
+                    r_list=tuple(meta["r_list"]), batch_size=int(meta["batch_size"]))
+    report: dict[str, float | bool] = {"images": int(ref["inputs"].shape[0]), "image_size": size}
+
+    visual = detector.features.backbone.visual
+    report["pos_embed_max_abs"] = float((visual.positional_embedding - ref["pos_embed_resized"]).abs().max())
+    from PIL import Image
+
+    ours_inputs = torch.stack([detector.transform(Image.fromarray(ref["src_images"][g].numpy()))
+                               for g in ref["order"].tolist()])
+    report["preprocessing_max_abs"] = float((ours_inputs - ref["inputs"]).abs().max())
+
+    inputs = ref["inputs"]
+    with torch.no_grad():
+        taps, embeddings = detector.features(inputs, list(layers))
+    tokens = torch.stack(taps, 1)  # (N, 4, P, D), CLS dropped
+    ref_tokens = ref["tokens"][:, :, 1:]
+    report["tokens_max_abs"] = float((tokens - ref_tokens).abs().max())
+    report["tokens_max_rel"] = float((tokens - ref_tokens).abs().max() / ref_tokens.abs().max())
+    report["image_embedding_max_abs"] = float((embeddings - ref["image_features"]).abs().max())
+
+    grid = detector.features.grid
+    lnamd_diff, msm_diff, msm_on_ref_z = 0.0, 0.0, 0.0
+    per_degree = []
+    for r in meta["r_list"]:
+        per_layer = []
+        for layer in range(len(layers)):
+            z = aggregate_neighbourhood(layer_norm_grid(tokens[:, layer], grid), r)
+            ref_z = ref["lnamd"][r][:, layer]
+            lnamd_diff = max(lnamd_diff, float((z - ref_z).abs().max()))
+            scores = mutual_scoring(z)
+            per_layer.append(scores)
+            msm_diff = max(msm_diff, float((scores - ref["msm"][r][:, layer]).abs().max()))
+            msm_on_ref_z = max(msm_on_ref_z, float((mutual_scoring(ref_z) - ref["msm"][r][:, layer]).abs().max()))
+        per_degree.append(torch.stack(per_layer).mean(0))
+    report["lnamd_max_abs"] = lnamd_diff
+    report["msm_per_layer_max_abs"] = msm_diff
+    report["msm_kernel_on_reference_lnamd_max_abs"] = msm_on_ref_z
+    combined = torch.stack(per_degree).mean(0)
+    report["patch_scores_stagewise_max_abs"] = float((combined - ref["patch_scores"]).abs().max())
+
+    # the detector end to end on the recorded inputs (reference order, the reference's MVTec dataset name)
+    defect = ["good" if int(label) == 0 else "defect" for label in ref["labels"]]
+    samples = [Sample(Path(f"img{i}.png"), "synthetic", int(label), None, d, "mvtec")
+               for i, (label, d) in enumerate(zip(ref["labels"].tolist(), defect))]
+    scores, maps = detector.predict_set(ImageSet(samples, None, 4, tensor=inputs), "synthetic")
+    report["anomaly_maps_max_abs"] = float((maps - ref["anomaly_maps"]).abs().max())
+    report["image_scores_raw_max_abs"] = float((maps.flatten(1).amax(1) - ref["image_scores_raw"]).abs().max())
+    report["image_scores_rscin_max_abs"] = float((scores - ref["image_scores"]).abs().max())
+    report["rscin_on_reference_inputs_max_abs"] = float(
+        (rscin(ref["image_scores_raw"], ref["image_features"], ref["rscin_k_list"]) - ref["image_scores"]).abs().max())
+    if ref.get("image_scores_k189") is not None:
+        report["rscin_k189_on_reference_inputs_max_abs"] = float(
+            (rscin(ref["image_scores_raw"], ref["image_features"], (1, 8, 9)) - ref["image_scores_k189"]).abs().max())
+
+    order = ref["order"].tolist()  # reference position -> generation index
+    same = True
+    for d, expected in ref["divisions"].items():
+        ours = [[order[i] for i in subset] for subset in divide(defect, int(d), seed=42)]
+        same = same and ours == [list(s) for s in expected]
+    report["divisions_equal"] = same
+    return report
+
+
+TOLERANCES = {
+    "pos_embed_max_abs": 1e-6, "preprocessing_max_abs": 1e-6, "tokens_max_rel": 1e-5, "image_embedding_max_abs": 1e-5,
+    "lnamd_max_abs": 1e-5, "msm_per_layer_max_abs": 1e-5, "msm_kernel_on_reference_lnamd_max_abs": 1e-5,
+    "patch_scores_stagewise_max_abs": 1e-5, "anomaly_maps_max_abs": 1e-5, "image_scores_raw_max_abs": 1e-5,
+    "image_scores_rscin_max_abs": 1e-5, "rscin_on_reference_inputs_max_abs": 1e-6,
+    "rscin_k189_on_reference_inputs_max_abs": 1e-6,
+}
+
+
+def test_musc_matches_the_reference_recording():
+    reference, weights = os.environ.get("ZSADBENCH_MUSC_REF"), os.environ.get("ZSADBENCH_MUSC_WEIGHTS")
+    if not reference or not weights:
+        pytest.skip("set ZSADBENCH_MUSC_REF (ref_musc.py output) and ZSADBENCH_MUSC_WEIGHTS (its weights file)")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    report = parity_report(reference, weights)
+    print(json.dumps(report, indent=1))
+    assert report["divisions_equal"]
+    for key, tolerance in TOLERANCES.items():
+        if key in report:
+            assert report[key] <= tolerance, f"{key} = {report[key]:.3g} > {tolerance:g}"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    print(json.dumps(parity_report(sys.argv[1], sys.argv[2]), indent=1))
