@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -342,3 +343,20 @@ def test_dino_backbones_through_timm(name, size, layers):
     assert torch.allclose(taps[0], final[:, 1:], atol=1e-5)  # the last block's normed tokens, CLS dropped
     assert torch.allclose(embedding, final[:, 0], atol=1e-5)  # the normed CLS, not L2-normalised
     assert not math.isclose(float(embedding.norm(dim=-1)[0]), 1.0, abs_tol=1e-3)
+
+
+def test_zsadbench_run_musc_on_the_synthetic_benchmark(isolated_results: Path, capsys) -> None:
+    from conftest import SMALL_SYNTHETIC
+
+    from zsadbench.cli import main
+
+    status = main(["run", "--method", "musc", "--dataset", "synthetic", *SMALL_SYNTHETIC, "--pretrained", "random",
+                   "--set", "model=tiny-ViT-L-14-336", "--set", "image_size=56", "--categories", "carpet,tile"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "carpet" in printed and "I-AUROC" in printed
+    (run_dir,) = (isolated_results / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["categories"]) == {"carpet", "tile"}
+    for metrics in results["categories"].values():
+        assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
