@@ -4,6 +4,8 @@ The reference needs its own environment (vendored open_clip 2.16 fork, import-pa
 ``shared/parity/ref_musc.py`` runs it on a weights file and records every intermediate (README-musc-winclip.md).
 This test reads that recording and recomputes each stage with zsadbench from the recorded inputs; it is skipped
 unless ``ZSADBENCH_MUSC_REF`` names the recording and ``ZSADBENCH_MUSC_WEIGHTS`` the weights file given to the driver.
+The DINO / DINOv2 backbones are compared with the reference's own ViT code (``models/backbone`` of a MuSc work tree
+named by ``ZSADBENCH_MUSC_REF_ROOT``; it needs only torch) on random weights.
 
     python ref_musc.py --ref-root REF --weights W.pt --seed 0 --images 6 --out ref.pt     # reference venv
     ZSADBENCH_MUSC_REF=ref.pt ZSADBENCH_MUSC_WEIGHTS=W.pt nox -s parity -- -k musc         # here
@@ -134,3 +136,42 @@ def test_musc_matches_the_reference_recording():
 if __name__ == "__main__":
     torch.set_num_threads(2)
     print(json.dumps(parity_report(sys.argv[1], sys.argv[2]), indent=1))
+
+
+@pytest.mark.parametrize("alias, patch, sizes", [("dino_vitbase16", 16, (224, 256)), ("dinov2_vitb14", 14, (518, 336))])
+def test_dino_backbones_match_the_reference_code(alias, patch, sizes, tmp_path):
+    root = os.environ.get("ZSADBENCH_MUSC_REF_ROOT")
+    if not root:
+        pytest.skip("set ZSADBENCH_MUSC_REF_ROOT to a xrli-U/MuSc work tree")
+    from zsadbench.dino import load_dino
+
+    sys.path[:0] = [root, os.path.join(root, "models", "backbone")]
+    try:
+        import dino_vision_transformer
+        import vision_transformer
+    finally:
+        del sys.path[:2]
+    torch.manual_seed(0)
+    if alias.startswith("dinov2"):  # the torch.hub configuration: 518 px, layer scale, no block chunks
+        reference = dino_vision_transformer.vit_base(patch_size=patch, img_size=518, init_values=1.0, block_chunks=0)
+    else:
+        reference = vision_transformer.vit_base(patch_size=patch, num_classes=0)
+    reference.eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():  # non-trivial LayerNorm affines, biases and layer scales
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    weights = tmp_path / f"{alias}.pth"
+    torch.save(reference.state_dict(), weights)
+    layers = [2, 5, 8, 11]
+    for size in sizes:
+        ours = load_dino(alias, str(weights), size)
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            if alias.startswith("dinov2"):
+                expected = reference.get_intermediate_layers(x, n=layers)  # normed, CLS removed
+            else:
+                last = reference.get_intermediate_layers(x, n=12)  # normed outputs of the last 12 blocks, CLS first
+                expected = [last[layer][:, 1:] for layer in layers]
+            tokens, embedding = ours.forward(x, layers)
+            assert max(float((a - b).abs().max()) for a, b in zip(tokens, expected)) < 2e-5
+            assert float((embedding - reference(x)).abs().max()) < 2e-5
