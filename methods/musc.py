@@ -27,6 +27,10 @@ Deliberate deviations from the reference (numerically equivalent unless stated):
 
 - LNAMD's r x r aggregation is ``avg_pool2d(count_include_pad=True)`` instead of Unfold + adaptive 1-D pooling (the
   same means; differences <= 5e-7); the per-image LayerNorm is computed once per layer instead of once per degree.
+  (Whether border zeros count does not matter in the end: the per-token L2 normalisation removes the divisor.)
+- DINO v1 layers: the reference takes the normed outputs of the last max(layers) + 1 blocks and indexes them as if
+  they started at block 0, which shifts the layers when the largest one is not the last block; here
+  ``feature_layers`` are always 0-based block indices (identical for the reference's (2, 5, 8, 11) on ViT-B).
 - Fewer than 5 images in a scored set: the reference's interval average keeps ``int(0.3 (N - 1)) = 0`` values and
   silently returns NaN scores (xrli-U/MuSc#41). Here it is an error naming the set size, unless
   ``topmin_rounding="ceil"`` is chosen (the maintainer's suggestion: at least one other image is kept).
@@ -34,6 +38,8 @@ Deliberate deviations from the reference (numerically equivalent unless stated):
   at N. A set whose raw scores are all equal gives all-zero RsCIN scores (the reference divides 0 by 0).
 - Maps are returned in the order of the image set, also when divisions are used (the reference concatenates them in
   division order).
+- On CUDA, RsCIN's image similarities are computed in float32 from the float16 embeddings and rounded to float16
+  (the reference multiplies float16 arrays in numpy). On the CPU both sides are float32 throughout.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def aggregate_neighbourhood(normed: Tensor, r: int) -> Tensor:
         raise ValueError(f"LNAMD aggregation degree r must be a positive odd number, got {r}")
     x = normed if r == 1 else F.avg_pool2d(normed, r, stride=1, padding=(r - 1) // 2, count_include_pad=True)
     x = x.flatten(2).transpose(1, 2)
-    return x / x.norm(dim=-1, keepdim=True)
+    return (x / x.norm(dim=-1, keepdim=True)).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------- MSM
