@@ -53,14 +53,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from zsadbench.clip import forward_vision, load_clip
 from zsadbench.detector import ImageSet, TransductiveDetector
+from zsadbench.dino import is_dino, load_dino
 from zsadbench.registry import register_method
+from zsadbench.transforms import ClipTransform
 from zsadbench.types import Prediction
 
 log = logging.getLogger(__name__)
@@ -363,11 +367,6 @@ class _ClipTaps:
     """An open_clip CLIP vision tower giving raw residual-stream patch tokens and the L2-normalised image embedding."""
 
     def __init__(self, config: MuScConfig, seed: int) -> None:
-        import open_clip
-
-        from zsadbench.clip.backbone import load_clip
-        from zsadbench.transforms import ClipTransform
-
         arch = open_clip.get_model_config(config.model)
         if arch is None:
             raise ValueError(f"unknown backbone {config.model!r}: neither an open_clip architecture nor a DINO model")
@@ -388,8 +387,6 @@ class _ClipTaps:
 
     def __call__(self, images: Tensor, blocks: Sequence[int]) -> tuple[list[Tensor], Tensor]:
         """Returns ([patch tokens (B, P, D) after each 0-based block], L2-normalised image embeddings (B, E))."""
-        from zsadbench.clip.vision import forward_vision
-
         out = forward_vision(self.backbone.visual, images, taps=[b + 1 for b in blocks])
         embedding = out.pooled
         return [out.taps[b + 1][:, 1:] for b in blocks], embedding / embedding.norm(dim=-1, keepdim=True)
@@ -407,9 +404,6 @@ class _DinoTaps:
     """A timm DINO / DINOv2 ViT giving normed patch tokens and the normed CLS token (not L2-normalised)."""
 
     def __init__(self, config: MuScConfig, seed: int) -> None:
-        from zsadbench.dino import load_dino
-        from zsadbench.transforms import ClipTransform
-
         self.backbone = load_dino(config.model, config.pretrained, config.image_size, seed)
         self.depth = self.backbone.depth
         self.grid = self.backbone.grid_size
@@ -451,9 +445,8 @@ class MuSc(TransductiveDetector):
         if cfg.precision not in ("auto", "fp32", "fp16") or cfg.msm_precision not in ("fp32", "bf16"):
             raise ValueError(f"MuSc: precision must be auto/fp32/fp16 and msm_precision fp32/bf16, got "
                              f"{cfg.precision!r} / {cfg.msm_precision!r}")
-        interval_bounds(10, cfg.topmin_min, cfg.topmin_max, cfg.topmin_rounding)  # validates the rounding mode
-        from zsadbench.dino import is_dino
-
+        if cfg.topmin_rounding not in ("floor", "ceil"):
+            raise ValueError(f"MuSc: topmin_rounding must be 'floor' or 'ceil', got {cfg.topmin_rounding!r}")
         self.features = _DinoTaps(cfg, seed) if is_dino(cfg.model) else _ClipTaps(cfg, seed)
         bad = [b for b in cfg.feature_layers if not 0 <= b < self.features.depth]
         if bad:
