@@ -431,6 +431,10 @@ class MuSc(TransductiveDetector):
 
     Config = MuScConfig
     label = "MuSc"
+    regression_variants = {  # zsadbench check: tiny seeded backbones at the real depth (a few seconds each)
+        "zero-shot": {"model": "tiny-ViT-L-14-336", "pretrained": "random", "image_size": 56},
+        "dinov2": {"model": "tiny-dinov2_vitl14", "pretrained": "random", "image_size": 56},
+    }
 
     def __init__(self, config: MuScConfig | None = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
