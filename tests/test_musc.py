@@ -282,6 +282,24 @@ def test_clip_taps_are_the_residual_stream_after_the_configured_blocks(tiny_musc
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_clip_activation_and_positional_embedding_follow_the_reference(tmp_path):
+    from zsadbench.clip.backbone import resize_pos_embed, uses_quick_gelu
+    from zsadbench.clip.testing import clip_like_state_dict
+
+    state = clip_like_state_dict("tiny-ViT-L-14-336", seed=1)
+    openai = {**state, "input_resolution": torch.tensor(56), "context_length": torch.tensor(77),
+              "vocab_size": torch.tensor(49408)}  # an OpenAI-format checkpoint (trained with QuickGELU)
+    torch.save(openai, tmp_path / "openai.pt")
+    native = MuSc(model="tiny-ViT-L-14-336", pretrained=str(tmp_path / "openai.pt"), image_size=56)
+    larger = MuSc(model="tiny-ViT-L-14-336", pretrained=str(tmp_path / "openai.pt"), image_size=84)
+    assert uses_quick_gelu(native.features.backbone.model)  # the released OpenAI model at its own size
+    assert not uses_quick_gelu(larger.features.backbone.model)  # a fresh CLIP(**config) at another size: GELU
+    table = larger.features.backbone.visual.positional_embedding
+    assert torch.equal(table, resize_pos_embed(state["visual.positional_embedding"], (6, 6), "bicubic"))
+    assert not torch.allclose(table, resize_pos_embed(state["visual.positional_embedding"], (6, 6),
+                                                      "bicubic-antialias"), atol=1e-4)
+
+
 def test_rscin_on_off_and_dataset_windows(tiny_musc):
     images = image_set(10, seed=2, dataset="visa")
     off = MuSc(**TINY, rscin=False)
