@@ -345,6 +345,15 @@ def test_config_errors_name_the_option():
         MuSc(**TINY, r_list=(2,))
     with pytest.raises(ValueError, match="unknown backbone"):
         MuSc(model="no-such-model", pretrained="random")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        MuSc(**TINY, precision="fp16").predict_set(image_set(5), "cat")
+
+
+def test_bf16_mutual_scoring_option_moves_maps_only_slightly(tiny_musc):
+    images = image_set(6, seed=3)
+    exact = tiny_musc.predict_set(images, "cat").anomaly_maps
+    approximate = MuSc(**TINY, msm_precision="bf16").predict_set(images, "cat").anomaly_maps
+    assert 0 < (approximate - exact).abs().max() < 2e-2
 
 
 @pytest.mark.parametrize("name, size, layers", [("tiny-dinov2_vitl14", 56, (5, 11, 17, 23)),
