@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 # the reference names (MuSc, facebookresearch hub entries) of the timm models
 DINO_ALIASES = {
@@ -33,7 +34,7 @@ DINO_ALIASES = {
     "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
 }
 # tiny test configurations: the real depth and patch size, width 32
-TINY_DINO = {
+TINY_DINO: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-dino_vitbase16": ("vit_base_patch16_224.dino", {"embed_dim": 32, "num_heads": 2}),
     "tiny-dinov2_vitl14": ("vit_large_patch14_dinov2.lvd142m", {"embed_dim": 32, "num_heads": 2}),
 }
@@ -49,7 +50,7 @@ def is_dino(name: str) -> bool:
 class DinoBackbone:
     """A loaded timm DINO / DINOv2 ViT (eval mode, fp32, classifier removed) and what was loaded into it."""
 
-    model: nn.Module  # timm VisionTransformer
+    model: Any  # timm VisionTransformer (typed loosely: its submodules are reached by attribute)
     name: str  # as requested
     timm_name: str
     pretrained: str
@@ -59,7 +60,7 @@ class DinoBackbone:
     @property
     def grid_size(self) -> tuple[int, int]:
         """Returns the patch grid (rows, columns) at the loaded image size."""
-        return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
+        return tuple(self.model.patch_embed.grid_size)
 
     @property
     def depth(self) -> int:
@@ -110,6 +111,7 @@ def load_dino(name: str, pretrained: str, image_size: int | None = None, seed: i
     cache); a file path loads an official or timm checkpoint with no network. At another ``image_size`` than the
     native one the positional-embedding grid is resized with :func:`resize_pos_embed_dino`.
     """
+    kwargs: dict[str, Any]
     if name in TINY_DINO:
         timm_name, kwargs = TINY_DINO[name]
     else:
@@ -118,6 +120,7 @@ def load_dino(name: str, pretrained: str, image_size: int | None = None, seed: i
         raise ValueError(f"unknown DINO backbone {name!r}; use one of {sorted(DINO_ALIASES)} or a timm "
                          "vit_*_dino / vit_*_dinov2 model name")
     kwargs = {**kwargs, "num_classes": 0}
+    model: Any
     if pretrained in ("random", "none", ""):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
