@@ -184,3 +184,20 @@ def test_anomalous_image_without_mask_is_an_error(tmp_path: Path) -> None:
     (root / "bottle" / "ground_truth" / "crack" / "001_mask.png").unlink()
     with pytest.raises(DataError, match=r"bottle/test/crack/001\.png has no mask"):
         zsadbench.load_dataset("mvtec", root)
+
+
+def test_mask_resize_modes_nest() -> None:
+    """MuSc's strict (MVTec/BTAD) rule erodes, its any (VisA) rule dilates, the default sits between them."""
+    from zsadbench.data import resize_mask
+
+    yy, xx = np.mgrid[0:90, 0:90]
+    mask = np.hypot(yy - 41.3, xx - 47.8) < 20
+    modes = ("bilinear-strict", "bilinear", "bilinear-any")
+    strict, default, anything = (resize_mask(mask, (37, 37), m) for m in modes)
+    assert (strict <= default).all() and (default <= anything).all()
+    assert strict.sum() < default.sum() < anything.sum()
+    assert abs(int(default.sum()) - mask.sum() * (37 / 90) ** 2) < 0.1 * default.sum()
+    nearest = resize_mask(mask, (37, 37), "nearest")
+    assert set(np.unique(nearest)) == {False, True}
+    with pytest.raises(ValueError, match="bilinear-strict"):
+        resize_mask(mask, (37, 37), "bicubic")

@@ -52,6 +52,9 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
     p.add_argument("--eval-resolution", choices=("input", "native"), default="input",
                    help="compare maps and masks at the method's input size (papers) or each image's native size")
+    p.add_argument("--mask-resize", choices=("bilinear", "nearest", "bilinear-strict", "bilinear-any"),
+                   default="bilinear", help="how masks reach the input size: bilinear then > 0.5 (default, most "
+                   "references); bilinear-strict / bilinear-any reproduce MuSc's MVTec / VisA rules")
     p.add_argument("--aupro", choices=("exact", "step200"), default="exact",
                    help="AUPRO implementation; step200 is the AnomalyCLIP/MuSc variant, for paper comparison")
     p.add_argument("--skip-bad", action="store_true",
@@ -75,7 +78,8 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
                 overrides=method_overrides(args), dataset_options=parse_assignments(args.dataset_option),
                 seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name,
                 eval=EvalOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                                 resolution=args.eval_resolution, aupro=args.aupro, skip_bad=args.skip_bad))
+                                 resolution=args.eval_resolution, mask_resize=args.mask_resize,
+                                 aupro=args.aupro, skip_bad=args.skip_bad))
         run_id, result = run(spec, resume=args.resume, tracking_uri=args.tracking_uri, json_path=args.json_path)
         print(format_table(result))
         from zsadbench.paths import results_dir

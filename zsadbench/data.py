@@ -91,14 +91,25 @@ def _check_size(mask: np.ndarray, size: tuple[int, int], path: Path, sample: Sam
                         f"is {size[1]}x{size[0]}")
 
 
+# How a mask reaches the evaluation size. "bilinear" (PIL bilinear, then > 0.5) is what AnomalyCLIP, AdaptCLIP and the
+# WinCLIP reproduction do. MuSc keeps only pixels that stay exactly 1 after the bilinear resize for MVTec AD and BTAD
+# ("bilinear-strict": its int cast erodes defect borders) and every non-zero pixel for VisA ("bilinear-any").
+MASK_RESIZE_MODES = ("bilinear", "nearest", "bilinear-strict", "bilinear-any")
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
-    """Returns the boolean mask resized to (H, W): PIL bilinear then > 0.5 (the references' rule), or nearest."""
+    """Returns the boolean mask resized to (H, W) with one of :data:`MASK_RESIZE_MODES`."""
+    if mode not in MASK_RESIZE_MODES:
+        raise ValueError(f"mask resize mode {mode!r}: choose one of {MASK_RESIZE_MODES}")
     if mask.shape == tuple(size):
         return mask
-    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}[mode]
-    image = Image.fromarray(mask.astype(np.uint8) * 255)
-    resized = np.asarray(image.resize((size[1], size[0]), resample), dtype=np.float32) / 255.0
-    return resized > 0.5
+    resample = Image.Resampling.NEAREST if mode == "nearest" else Image.Resampling.BILINEAR
+    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), resample))
+    if mode == "bilinear-strict":
+        return resized == 255
+    if mode == "bilinear-any":
+        return resized > 0
+    return resized > 127.5  # > 0.5 of 255
 
 
 def load_images(samples: Sequence[Sample], transform: Callable[[Image.Image], Tensor],

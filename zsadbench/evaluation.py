@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from zsadbench.data import SampleLoader, check_files, collate, load_images, read_mask, resize_mask
+from zsadbench.data import MASK_RESIZE_MODES, SampleLoader, check_files, collate, load_images, read_mask, resize_mask
 from zsadbench.detector import Detector, FewShot, ImageSet
 from zsadbench.metrics import MAD_RECIPES, METRIC_NAMES, CategoryMetrics, MetricWarning, mad
 from zsadbench.types import Dataset, Prediction, Sample
@@ -38,13 +38,13 @@ class EvalOptions:
     batch_size: int = 8
     num_workers: int = 0
     resolution: str = "input"  # "input": the method's input size (the papers' protocol); "native": each image's size
-    mask_resize: str = "bilinear"  # masks to input size: PIL bilinear then > 0.5 (references), or "nearest"
+    mask_resize: str = "bilinear"  # masks to input size: PIL bilinear then > 0.5 (references); see MASK_RESIZE_MODES
     aupro: str = "exact"  # "step200" = the AnomalyCLIP/MuSc variant, for paper comparison only
     skip_bad: bool = False  # skip unreadable or inconsistent files (counted, logged, recorded) instead of stopping
     overlays: int = 2  # anomaly-map overlays kept per category for the run's artifacts
 
     def __post_init__(self) -> None:
-        choices = {"resolution": ("input", "native"), "mask_resize": ("bilinear", "nearest"),
+        choices = {"resolution": ("input", "native"), "mask_resize": MASK_RESIZE_MODES,
                    "aupro": ("exact", "step200")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
