@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from zsadbench.config import ConfigError, parse_assignments
 
@@ -27,6 +28,34 @@ def add_common_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
+def add_job_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """Adds what `run` and `train` share: method, dataset, method options, MLflow and --resume."""
+    parser.add_argument("--method", help="registered method name (see `zsadbench methods`)")
+    parser.add_argument("--dataset", help="registered dataset name (see `zsadbench datasets`)")
+    parser.add_argument("--data-root", help="the dataset's folder (not needed for `synthetic`)")
+    parser.add_argument("--categories", type=_csv_list, help="comma-separated subset of categories (default: all)")
+    parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a loader option, e.g. image_size=64 for the synthetic benchmark; repeatable")
+    add_common_method_options(parser)
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)")
+    parser.add_argument("--experiment", default="zsadbench", help="MLflow experiment name (default: zsadbench)")
+    parser.add_argument("--run-name", help="MLflow run name")
+    parser.add_argument("--resume", metavar="RUN_ID",
+                        help=f"resume an interrupted {what} (its original options are used)")
+
+
+def job_fields(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
+    """Returns the JobSpec fields given on the command line, or None when resuming."""
+    if args.resume is not None:
+        return None
+    if not args.method or not args.dataset:
+        raise SystemExit(f"zsadbench {command}: --method and --dataset are required (or --resume RUN_ID)")
+    return dict(method=args.method, dataset=args.dataset, data_root=args.data_root, categories=args.categories,
+                overrides=method_overrides(args), dataset_options=parse_assignments(args.dataset_option),
+                seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name)
+
+
 def method_overrides(args: argparse.Namespace) -> dict[str, str]:
     """Returns the config overrides from --set plus the --pretrained/--checkpoint/--shots shortcuts."""
     overrides = parse_assignments(args.set)
@@ -41,13 +70,7 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("run", help="evaluate a method on a dataset and record an MLflow run",
                        description="Evaluate a method on a dataset; prints a per-category table, writes "
                                    "results/runs/<run-id>/ and records one MLflow run.")
-    p.add_argument("--method", help="registered method name (see `zsadbench methods`)")
-    p.add_argument("--dataset", help="registered dataset name (see `zsadbench datasets`)")
-    p.add_argument("--data-root", help="the dataset's folder (not needed for `synthetic`)")
-    p.add_argument("--categories", type=_csv_list, help="comma-separated subset of categories")
-    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a loader option, e.g. image_size=64 for the synthetic benchmark; repeatable")
-    add_common_method_options(p)
+    add_job_options(p, "run")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
     p.add_argument("--eval-resolution", choices=("input", "native"), default="input",
@@ -59,27 +82,18 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
                    help="AUPRO implementation; step200 is the AnomalyCLIP/MuSc variant, for paper comparison")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable or inconsistent files (counted, logged and recorded) instead of stopping")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)")
-    p.add_argument("--experiment", default="zsadbench", help="MLflow experiment name (default: zsadbench)")
-    p.add_argument("--run-name", help="MLflow run name (default: <method>-<dataset>)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON to FILE")
-    p.add_argument("--resume", metavar="RUN_ID", help="resume an interrupted run (its original options are used)")
 
     def handle(args: argparse.Namespace) -> int:
         from zsadbench.evaluation import EvalOptions
         from zsadbench.runner import RunSpec, format_table, run
 
-        if args.resume is None and (not args.method or not args.dataset):
-            raise SystemExit("zsadbench run: --method and --dataset are required (or --resume RUN_ID)")
+        fields = job_fields(args, "run")
         spec = None
-        if args.resume is None:
-            spec = RunSpec(
-                method=args.method, dataset=args.dataset, data_root=args.data_root, categories=args.categories,
-                overrides=method_overrides(args), dataset_options=parse_assignments(args.dataset_option),
-                seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name,
-                eval=EvalOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                                 resolution=args.eval_resolution, mask_resize=args.mask_resize,
-                                 aupro=args.aupro, skip_bad=args.skip_bad))
+        if fields is not None:
+            spec = RunSpec(**fields, eval=EvalOptions(
+                batch_size=args.batch_size, num_workers=args.num_workers, resolution=args.eval_resolution,
+                mask_resize=args.mask_resize, aupro=args.aupro, skip_bad=args.skip_bad))
         run_id, result = run(spec, resume=args.resume, tracking_uri=args.tracking_uri, json_path=args.json_path)
         print(format_table(result))
         from zsadbench.paths import results_dir
@@ -127,35 +141,20 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
                                    "dataset's test split, as the papers do; writes a checkpoint each epoch to "
                                    "results/training/<run-id>/ and records one MLflow run. Evaluate with "
                                    "`zsadbench run --method M --checkpoint results/training/<run-id>/epoch_K.pth`.")
-    p.add_argument("--method", help="registered trainable method name (see `zsadbench methods`)")
-    p.add_argument("--dataset", help="the auxiliary dataset (see `zsadbench datasets`)")
-    p.add_argument("--data-root", help="the dataset's folder (not needed for `synthetic`)")
-    p.add_argument("--categories", type=_csv_list, help="comma-separated subset of categories (default: all)")
-    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a loader option, e.g. image_size=64 for the synthetic benchmark; repeatable")
-    add_common_method_options(p)
+    add_job_options(p, "training")
     p.add_argument("--epochs", type=int, help="training epochs (default: the method's, 15 for AnomalyCLIP)")
     p.add_argument("--batch-size", type=int, help="images per optimiser step (default: the method's, 8)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's, 1e-3)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)")
-    p.add_argument("--experiment", default="zsadbench", help="MLflow experiment name (default: zsadbench)")
-    p.add_argument("--run-name", help="MLflow run name (default: train-<method>-<dataset>)")
-    p.add_argument("--resume", metavar="RUN_ID",
-                   help="resume an interrupted training from its last checkpoint (its original options are used)")
 
     def handle(args: argparse.Namespace) -> int:
         from zsadbench.paths import results_dir
         from zsadbench.training import TrainSpec, train, with_train_overrides
 
-        if args.resume is None and (not args.method or not args.dataset):
-            raise SystemExit("zsadbench train: --method and --dataset are required (or --resume RUN_ID)")
+        fields = job_fields(args, "train")
         spec = None
-        if args.resume is None:
-            overrides = with_train_overrides(method_overrides(args), args.epochs, args.batch_size, args.lr)
-            spec = TrainSpec(method=args.method, dataset=args.dataset, data_root=args.data_root,
-                             categories=args.categories, overrides=overrides,
-                             dataset_options=parse_assignments(args.dataset_option), seed=args.seed,
-                             device=args.device, experiment=args.experiment, run_name=args.run_name)
+        if fields is not None:
+            fields["overrides"] = with_train_overrides(fields["overrides"], args.epochs, args.batch_size, args.lr)
+            spec = TrainSpec(**fields)
         run_id, result = train(spec, resume=args.resume, tracking_uri=args.tracking_uri)
         for epoch, losses in enumerate(result.epoch_losses, start=result.first_epoch):
             print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))

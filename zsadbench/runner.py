@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
 from zsadbench.config import to_dict
 from zsadbench.evaluation import CategoryResult, EvalOptions, EvaluationResult, evaluate
+from zsadbench.jobs import JobSpec, build, job_params, open_run, read_state
 from zsadbench.metrics import MetricWarning
-from zsadbench.paths import results_dir
-from zsadbench.registry import get_dataset, get_method
-from zsadbench.tracking import KIND_TAG, Tracker, environment, weights_id
 from zsadbench.visualize import save_overlay
 
 log = logging.getLogger(__name__)
@@ -38,32 +33,15 @@ COLUMN_TITLES = {
 
 
 @dataclass
-class RunSpec:
-    """Everything a run was asked to do (stored in state.json so that ``--resume`` repeats it exactly)."""
+class RunSpec(JobSpec):
+    """An evaluation job: the shared job fields plus how the dataset is evaluated."""
 
-    method: str
-    dataset: str
-    data_root: str | None = None
-    categories: list[str] | None = None
-    overrides: dict[str, str] = field(default_factory=dict)
-    dataset_options: dict[str, str] = field(default_factory=dict)
-    seed: int = 0
-    device: str = "cpu"
     eval: EvalOptions = field(default_factory=EvalOptions)
-    experiment: str = "zsadbench"
-    run_name: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSpec:
         """Returns the spec stored by ``asdict``."""
         return cls(**{**data, "eval": EvalOptions(**data["eval"])})
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def format_table(result: EvaluationResult) -> str:
@@ -101,75 +79,38 @@ def run(spec: RunSpec | None = None, *, resume: str | None = None, tracking_uri:
     """Runs (or resumes) an evaluation and returns (run id, result)."""
     done: dict[str, CategoryResult] = {}
     if resume is not None:
-        run_dir = results_dir() / "runs" / resume
-        state = run_dir / "state.json"
-        if not state.is_file():
-            raise FileNotFoundError(f"cannot resume run {resume!r}: {state} not found (runs live in "
-                                    f"{results_dir() / 'runs'})")
-        spec = RunSpec.from_json(json.loads(state.read_text())["spec"])
-        for file in sorted((run_dir / "categories").glob("*.json")):
+        folder, stored = read_state("runs", resume)
+        spec = RunSpec.from_json(stored)
+        for file in sorted((folder / "categories").glob("*.json")):
             finished_category = CategoryResult.from_json(json.loads(file.read_text()))
             done[finished_category.category] = finished_category
     if spec is None:
         raise ValueError("run() needs a RunSpec or a run id to resume")
 
-    seed_everything(spec.seed)
-    method_cls = get_method(spec.method)
-    dataset = get_dataset(spec.dataset).load(spec.data_root, **spec.dataset_options)
+    method_cls, dataset, detector = build(spec)
     categories = spec.categories or dataset.categories("test")
-    if spec.categories:
-        dataset = dataset.subset(spec.categories)
-    detector = method_cls(seed=spec.seed, **spec.overrides).to(spec.device)
-    config = to_dict(detector.config)
-
-    tracker = Tracker(tracking_uri, spec.experiment)
-    if resume is not None:
-        tracker.resume(resume)
-        run_id = resume
-    else:
-        run_id = tracker.start(spec.run_name or f"{spec.method}-{spec.dataset}", {
-            KIND_TAG: "evaluation", "zsadbench.method": spec.method, "zsadbench.dataset": spec.dataset,
-            "zsadbench.method_label": method_cls.display_name()})
-    run_dir = results_dir() / "runs" / run_id
-    (run_dir / "categories").mkdir(parents=True, exist_ok=True)
-    (run_dir / "state.json").write_text(json.dumps({"spec": asdict(spec), "run_id": run_id}, indent=2, default=str))
-
-    pretrained = getattr(detector.config, "pretrained", None)
-    params = {"method": spec.method, "method_label": method_cls.display_name(), "dataset": spec.dataset,
-              "data_root": spec.data_root, "categories": ",".join(categories), "seed": spec.seed,
-              "device": spec.device, "image_size": "x".join(map(str, detector.input_size)),
-              **{f"dataset_option.{k}": v for k, v in spec.dataset_options.items()},
-              **{f"eval.{k}": v for k, v in asdict(spec.eval).items()},
-              **{f"config.{k}": v for k, v in detector.resolved_config().items()},
-              **environment(), **detector.describe()}
-    if pretrained is not None:
-        params["weights"] = weights_id(pretrained)
-    tracker.log_params(params)
+    job = open_run(spec, method_cls, kind="evaluation", folder_name="runs", command="zsadbench run",
+                   tracking_uri=tracking_uri, resume=resume)
+    run_dir, tracker = job.folder, job.tracker
+    (run_dir / "categories").mkdir(exist_ok=True)
+    tracker.log_params({**job_params(spec, method_cls, detector, categories),
+                        **{f"eval.{k}": v for k, v in asdict(spec.eval).items()}})
 
     def finished(result: CategoryResult) -> None:
         (run_dir / "categories" / f"{result.category}.json").write_text(json.dumps(result.to_json()))
         tracker.log_metrics({f"{result.category}/{k}": v for k, v in result.metrics.items()})
 
-    try:
+    with job.finishing():
         result = evaluate(detector, dataset, categories, spec.eval, done=done, on_category=finished,
                           progress=progress)
-    except KeyboardInterrupt:
-        tracker.finish("interrupted")
-        log.error("interrupted; resume with: zsadbench run --resume %s", run_id)
-        raise
-    except BaseException:
-        tracker.finish("failed")
-        log.error("run %s failed; finished categories are kept, resume with: zsadbench run --resume %s",
-                  run_id, run_id)
-        raise
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         mean = result.mean()
     tracker.log_metrics(mean)
-    _write_outputs(run_dir, result, config, spec.dataset)
+    _write_outputs(run_dir, result, to_dict(detector.config), spec.dataset)
     if json_path is not None:
         write_json(result, json_path)
     tracker.log_artifacts(run_dir)
     tracker.finish("complete")
-    return run_id, result
+    return job.run_id, result

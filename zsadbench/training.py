@@ -24,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from zsadbench.checkpoints import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint, write_checkpoint
 from zsadbench.config import apply_overrides, to_dict
 from zsadbench.data import SampleLoader, collate
-from zsadbench.paths import results_dir
+from zsadbench.jobs import JobSpec
 from zsadbench.types import Dataset, Sample
 
 if TYPE_CHECKING:
@@ -230,87 +230,44 @@ def last_checkpoint(folder: str | Path) -> Path | None:
 
 
 @dataclass
-class TrainSpec:
-    """Everything a training was asked to do (stored in state.json so that ``--resume`` repeats it exactly)."""
-
-    method: str
-    dataset: str
-    data_root: str | None = None
-    categories: list[str] | None = None
-    overrides: dict[str, str] = field(default_factory=dict)
-    dataset_options: dict[str, str] = field(default_factory=dict)
-    seed: int = 0
-    device: str = "cpu"
-    experiment: str = "zsadbench"
-    run_name: str | None = None
+class TrainSpec(JobSpec):
+    """A training job (the shared job fields; the training options are the method config's ``train`` group)."""
 
 
 def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_uri: str | None = None,
           progress: bool = True) -> tuple[str, TrainingResult]:
     """Trains a method on an auxiliary dataset in an MLflow run; returns (run id, result). Files: results/training/."""
     from zsadbench.detector import Trainable
-    from zsadbench.registry import get_dataset, get_method
-    from zsadbench.tracking import KIND_TAG, Tracker, environment
+    from zsadbench.jobs import build, job_params, open_run, read_state
+    from zsadbench.registry import get_method
 
     resume_file = None
     if resume is not None:
-        run_dir = results_dir() / "training" / resume
-        state_file = run_dir / "state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"cannot resume training {resume!r}: {state_file} not found (trainings live in "
-                                    f"{results_dir() / 'training'})")
-        spec = TrainSpec(**json.loads(state_file.read_text())["spec"])
-        resume_file = last_checkpoint(run_dir)
+        folder, stored = read_state("training", resume)
+        spec = TrainSpec(**stored)
+        resume_file = last_checkpoint(folder)
     if spec is None:
         raise ValueError("train() needs a TrainSpec or a run id to resume")
 
-    method_cls = cast("type[Detector]", get_method(spec.method))
-    if not issubclass(method_cls, Trainable):
+    if not issubclass(get_method(spec.method), Trainable):
         raise ValueError(f"method {spec.method!r} is not trainable (it has no learnable parts to fit)")
-    dataset = get_dataset(spec.dataset).load(spec.data_root, **spec.dataset_options)
-    if spec.categories:
-        dataset = dataset.subset(spec.categories)
-    detector = method_cls(seed=spec.seed, **spec.overrides).to(spec.device)
+    method_cls, dataset, detector = build(spec)
     options: TrainConfig = detector.config.train
     samples = training_samples(dataset, options.split)
-
-    tracker = Tracker(tracking_uri, spec.experiment)
-    if resume is not None:
-        tracker.resume(resume)
-        run_id = resume
-    else:
-        run_id = tracker.start(spec.run_name or f"train-{spec.method}-{spec.dataset}", {
-            KIND_TAG: "training", "zsadbench.method": spec.method, "zsadbench.dataset": spec.dataset,
-            "zsadbench.method_label": method_cls.display_name()})
-    run_dir = results_dir() / "training" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "state.json").write_text(json.dumps({"spec": asdict(spec), "run_id": run_id}, indent=2, default=str))
+    job = open_run(spec, method_cls, kind="training", folder_name="training", command="zsadbench train",
+                   tracking_uri=tracking_uri, resume=resume)
+    run_dir, tracker = job.folder, job.tracker
     categories = sorted({s.category for s in samples})
-    tracker.log_params({
-        "method": spec.method, "method_label": method_cls.display_name(), "dataset": spec.dataset,
-        "data_root": spec.data_root, "categories": ",".join(categories), "split": options.split,
-        "images": len(samples), "anomalous_images": sum(s.label for s in samples), "seed": spec.seed,
-        "device": spec.device, "image_size": "x".join(map(str, detector.input_size)),
-        **{f"dataset_option.{k}": v for k, v in spec.dataset_options.items()},
-        **{f"config.{k}": v for k, v in detector.resolved_config().items()},
-        **environment(), **detector.describe()})
-    try:
+    tracker.log_params({**job_params(spec, method_cls, detector, categories), "split": options.split,
+                        "images": len(samples), "anomalous_images": sum(s.label for s in samples)})
+    with job.finishing():
         result = fit(cast("Trainable", detector), dataset, checkpoint_dir=run_dir, resume_from=resume_file,
                      tracker=tracker, progress=progress)
-    except KeyboardInterrupt:
-        tracker.finish("interrupted")
-        log.error("interrupted; resume with: zsadbench train --resume %s", run_id)
-        raise
-    except BaseException:
-        tracker.finish("failed")
-        log.error("training %s failed; resume from its last checkpoint with: zsadbench train --resume %s",
-                  run_id, run_id)
-        raise
     final = last_checkpoint(run_dir)
     if final is not None:
         tracker.set_tags({"zsadbench.checkpoint": str(final)})
     tracker.finish("complete")
-    return run_id, result
+    return job.run_id, result
 
 
 def with_train_overrides(overrides: dict[str, str], epochs: int | None, batch_size: int | None,
