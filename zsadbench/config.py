@@ -81,8 +81,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """Returns a copy of the dataclass ``config`` with dotted-key overrides applied and type-checked."""
+def apply_overrides(config: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """Returns a copy of the dataclass ``config`` with dotted-key overrides applied and type-checked.
+
+    ``prefix`` is the dotted path of ``config`` inside the method config, so that errors name the full option.
+    """
     nested: dict[str, dict[str, Any]] = {}
     direct: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -94,15 +97,16 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     for name in set(direct) | set(nested):
         if name not in names:
             raise ConfigError(
-                f"{type(config).__name__} has no option {name!r}; options: {', '.join(sorted(names))}"
+                f"{type(config).__name__} has no option {prefix + name!r}; options: "
+                f"{', '.join(prefix + n for n in sorted(names))}"
             )
     for name, value in direct.items():
-        changes[name] = _coerce(value, hints[name], name)
+        changes[name] = _coerce(value, hints[name], prefix + name)
     for name, sub in nested.items():
         current = changes.get(name, getattr(config, name))
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{name} is not a group of options; use --set {name}=VALUE")
-        changes[name] = apply_overrides(current, {f"{k}": v for k, v in sub.items()})
+            raise ConfigError(f"{prefix + name} is not a group of options; use --set {prefix + name}=VALUE")
+        changes[name] = apply_overrides(current, sub, f"{prefix}{name}.")
     return dataclasses.replace(config, **changes)
 
 
