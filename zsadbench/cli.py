@@ -95,8 +95,13 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
                 batch_size=args.batch_size, num_workers=args.num_workers, resolution=args.eval_resolution,
                 mask_resize=args.mask_resize, aupro=args.aupro, skip_bad=args.skip_bad))
         run_id, result = run(spec, resume=args.resume, tracking_uri=args.tracking_uri, json_path=args.json_path)
-        print(format_table(result))
+        from zsadbench.jobs import read_state
         from zsadbench.paths import results_dir
+        from zsadbench.registry import get_method
+
+        stored = read_state("runs", run_id)[1]
+        print(f"{get_method(stored['method']).display_name()} on {stored['dataset']}")
+        print(format_table(result))
 
         print(f"\nrun {run_id}: results in {results_dir() / 'runs' / run_id}")
         return 0

@@ -20,7 +20,7 @@ import pandas as pd
 from zsadbench.config import to_dict
 from zsadbench.evaluation import CategoryResult, EvalOptions, EvaluationResult, evaluate
 from zsadbench.jobs import JobSpec, build, job_params, open_run, read_state
-from zsadbench.metrics import MetricWarning
+from zsadbench.metrics import IMPLEMENTATION_TAGS, MAD_RECIPES, MetricWarning, aupro_tag
 from zsadbench.visualize import save_overlay
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ def write_json(result: EvaluationResult, path: str | Path, extra: dict[str, Any]
     return path
 
 
+def metric_definitions(options: EvalOptions) -> dict[str, str]:
+    """Returns the run parameters that define the metrics: each metric's implementation and each mAD recipe."""
+    tags = {**IMPLEMENTATION_TAGS, "pixel_aupro": aupro_tag(options.aupro)}
+    return {**{f"metric.{name}": tag for name, tag in tags.items() if not name.startswith("mad_")},
+            **{f"mad_recipe.{recipe}": "mean(" + ", ".join(names) + ")" for recipe, names in MAD_RECIPES.items()}}
+
+
 def _write_outputs(run_dir: Path, result: EvaluationResult, config: dict[str, Any], dataset: str) -> None:
     write_json(result, run_dir / "results.json")
     result.table().to_csv(run_dir / "metrics.csv", index_label="category")
@@ -94,7 +101,7 @@ def run(spec: RunSpec | None = None, *, resume: str | None = None, tracking_uri:
     run_dir, tracker = job.folder, job.tracker
     (run_dir / "categories").mkdir(exist_ok=True)
     tracker.log_params({**job_params(spec, method_cls, detector, categories),
-                        **{f"eval.{k}": v for k, v in asdict(spec.eval).items()}})
+                        **{f"eval.{k}": v for k, v in asdict(spec.eval).items()}, **metric_definitions(spec.eval)})
 
     def finished(result: CategoryResult) -> None:
         (run_dir / "categories" / f"{result.category}.json").write_text(json.dumps(result.to_json()))
