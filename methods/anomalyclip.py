@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
 from zsadbench.clip.backbone import load_clip
-from zsadbench.clip.dual_path import forward_dual_path
+from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.clip.prompts import ANOMALYCLIP_TEXTS, LearnablePrompts
 from zsadbench.detector import Detector, Trainable
 from zsadbench.filters import gaussian_filter
@@ -124,11 +124,9 @@ class AnomalyCLIP(Detector, Trainable):
         depth = len(self.clip.visual.transformer.resblocks)
         bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
         if not cfg.feature_layers or bad:
-            raise ValueError(f"anomalyclip: feature_layers {list(cfg.feature_layers)} must be V-V layers "
+            raise ValueError(f"{self.name}: feature_layers {list(cfg.feature_layers)} must be V-V layers "
                              f"{cfg.vv_start_layer}..{depth}")
-        self.prompt_learner = LearnablePrompts(
-            self.clip, cfg.model, n_ctx=cfg.n_ctx, texts=ANOMALYCLIP_TEXTS, deep_depth=cfg.deep_prompt_depth,
-            deep_length=cfg.deep_prompt_length, fp16_deep_prompts=cfg.fp16_deep_prompts, seed=cfg.train.seed)
+        self.build_learnable_parts()
         self._transform = ClipTransform(cfg.image_size)
         self._text_features: Tensor | None = None  # cached (2, E) for inference; reset when the prompts change
         self.checkpoint_source: str | None = None
@@ -148,12 +146,24 @@ class AnomalyCLIP(Detector, Trainable):
         return self._transform(image)
 
     def to(self, device: str | torch.device) -> AnomalyCLIP:
-        """Moves the backbone and the prompts to ``device``."""
+        """Moves the backbone and the learnable parts to ``device``."""
         super().to(device)
         self.clip.to(self.device)
-        self.prompt_learner.to(self.device)
+        for module in self.learnable_modules().values():
+            module.to(self.device)
         self._text_features = None
         return self
+
+    def build_learnable_parts(self) -> None:
+        """Creates the learnable prompts (subclasses add their parts here, before a checkpoint is loaded)."""
+        cfg: AnomalyCLIPConfig = self.config
+        self.prompt_learner = LearnablePrompts(
+            self.clip, cfg.model, n_ctx=cfg.n_ctx, texts=ANOMALYCLIP_TEXTS, deep_depth=cfg.deep_prompt_depth,
+            deep_length=cfg.deep_prompt_length, fp16_deep_prompts=cfg.fp16_deep_prompts, seed=cfg.train.seed)
+
+    def learnable_modules(self) -> dict[str, nn.Module]:
+        """Returns the learnable parts by checkpoint key prefix: the prompts (subclasses add theirs)."""
+        return {"prompt_learner": self.prompt_learner}
 
     def describe(self) -> dict[str, object]:
         """Returns the backbone facts and the checkpoint the prompts came from (sha256), or ``untrained``."""
@@ -161,12 +171,14 @@ class AnomalyCLIP(Detector, Trainable):
                 "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
 
     # ---- 2. visual features (DPAM) -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Returns global features (B, E) and patch features (B, 1 + P, E) per map layer, not normalised."""
+    def encode_images(self, images: Tensor, head_weights: HeadWeightsFn | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Returns global features (B, E) and patch features (B, 1 + P, E) per map layer, not normalised.
+
+        The tower is frozen, so autograd records nothing here unless ``head_weights`` (HeadCLIP) carry gradients.
+        """
         visual = self.clip.visual
         out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
-                                vv_taps=tuple(self.config.feature_layers))
+                                vv_taps=tuple(self.config.feature_layers), head_weights=head_weights)
         return out.global_feature, out.patch_features(visual, self.config.feature_layers)
 
     # ---- 3. text features (object-agnostic prompts) ------------------------------------------------------------------
@@ -185,7 +197,7 @@ class AnomalyCLIP(Detector, Trainable):
         untrained = self.checkpoint_source is None and not self._fitted and self.backbone.weights_source != "random"
         if untrained and not self._warned_untrained:
             self._warned_untrained = True
-            warnings.warn("anomalyclip: no checkpoint loaded, the prompts are untrained (random initialisation); pass "
+            warnings.warn(f"{self.name}: no checkpoint loaded, the prompts are untrained (random initialisation); pass "
                           "--checkpoint (a zsadbench training or the authors' epoch_15.pth)", UserWarning, stacklevel=3)
         text = self.text_features()
         global_features, patch_features = self.encode_images(images)
@@ -198,12 +210,13 @@ class AnomalyCLIP(Detector, Trainable):
 
     # ---- 5. training -------------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Returns the learnable prompts: both context tensors and the deep prompts."""
-        return list(self.prompt_learner.parameters())
+        """Returns the parameters of the learnable parts: both context tensors and the deep prompts."""
+        return [p for module in self.learnable_modules().values() for p in module.parameters()]
 
     def set_train_mode(self, training: bool) -> None:
-        """Marks the prompts as training (text features then carry gradients) or not; drops cached text features."""
-        self.prompt_learner.train(training)
+        """Marks the learnable parts as training or not; drops cached text features."""
+        for module in self.learnable_modules().values():
+            module.train(training)
         self._text_features = None
 
     def training_step(self, images: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -227,16 +240,21 @@ class AnomalyCLIP(Detector, Trainable):
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """Returns the learnable prompts as ``prompt_learner.<reference key>`` tensors (CPU copies)."""
-        return {f"prompt_learner.{k}": v.detach().cpu().clone() for k, v in self.prompt_learner.state_dict().items()}
+        """Returns the learnable parts as ``<part>.<key>`` tensors (``prompt_learner.<reference key>``; CPU copies)."""
+        return {f"{name}.{k}": v.detach().cpu().clone() for name, module in self.learnable_modules().items()
+                for k, v in module.state_dict().items()}
+
+    def state_description(self) -> str:
+        """Returns what the learnable state holds, for error messages."""
+        return (f"{self.display_name()} state (n_ctx {self.config.n_ctx}, deep prompts "
+                f"{self.config.deep_prompt_depth - 1} x {self.config.deep_prompt_length})")
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restores the prompts from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        check_keys(state, expected, f"AnomalyCLIP state (n_ctx {self.config.n_ctx}, deep prompts "
-                                    f"{self.config.deep_prompt_depth - 1} x {self.config.deep_prompt_length})")
-        prefix = len("prompt_learner.")
-        self.prompt_learner.load_state_dict({k[prefix:]: v for k, v in state.items()}, strict=True)
+        """Restores the learnable parts from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
+        check_keys(state, {k: tuple(v.shape) for k, v in self.state_dict().items()}, self.state_description())
+        for name, module in self.learnable_modules().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
         self._text_features = None
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -244,7 +262,7 @@ class AnomalyCLIP(Detector, Trainable):
         checkpoint = read_checkpoint(path)
         try:
             if isinstance(checkpoint.get("prompt_learner"), dict):  # the authors' layout (spec §7)
-                self.prompt_learner.load_reference_state(checkpoint["prompt_learner"], str(path))
+                self.load_reference_checkpoint(checkpoint, path)
                 self._text_features = None
             else:
                 self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
@@ -253,3 +271,6 @@ class AnomalyCLIP(Detector, Trainable):
             raise CheckpointError(message if str(path) in message else f"checkpoint {path}: {message}") from None
         self.checkpoint_source = f"sha256:{file_sha256(path)}"
 
+    def load_reference_checkpoint(self, checkpoint: dict, path: str | Path) -> None:
+        """Loads the prompts of a file in the authors' layout, ``{"prompt_learner": <reference keys>}``."""
+        self.prompt_learner.load_reference_state(checkpoint["prompt_learner"], str(path))
