@@ -2,6 +2,7 @@
 
 from zsadbench.methods import (
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
+    headclip,  # noqa: E402,F401  (registers "headclip")
     musc,  # noqa: E402,F401  (registers "musc")
     winclip,  # noqa: E402,F401  (registers "winclip")
 )
