@@ -39,6 +39,7 @@ Deliberate deviations from the reference:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, 
 from zsadbench.clip.backbone import load_clip
 from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.clip.prompts import ANOMALYCLIP_TEXTS, LearnablePrompts
+from zsadbench.clip.scoring import class_probabilities, patch_probability_maps
 from zsadbench.detector import Detector, Trainable
 from zsadbench.filters import gaussian_filter
 from zsadbench.losses import binary_dice_loss, focal_loss
@@ -58,7 +60,7 @@ from zsadbench.registry import register_method
 from zsadbench.tracking import file_sha256
 from zsadbench.training import TrainConfig
 from zsadbench.transforms import ClipTransform
-from zsadbench.types import Prediction
+from zsadbench.types import Prediction, Sample
 
 
 @dataclass
@@ -81,27 +83,6 @@ class AnomalyCLIPConfig:
     local_loss_weight: float = 4.0  # λ on the focal + Dice terms (train.py ``lam``)
     checkpoint: str | None = None  # trained prompts: a zsadbench checkpoint or the authors' epoch_15.pth
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs 15, batch 8, Adam 1e-3 (0.5, 0.999), seed 111
-
-
-def class_probabilities(features: Tensor, text_features: Tensor, temperature: float) -> Tensor:
-    """Returns softmax over [normal, abnormal] of cos(features, text) / temperature, for (..., E) features."""
-    cosine = F.normalize(features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return (cosine / temperature).softmax(dim=-1)
-
-
-def patch_probability_maps(patch_features: Tensor, text_features: Tensor, temperature: float,
-                           size: tuple[int, int]) -> Tensor:
-    """Returns (B, 2, H, W) [normal, abnormal] probabilities of the patch tokens, bilinearly upsampled to ``size``.
-
-    ``patch_features`` (B, 1 + P, E) include the CLS token, which is dropped; P must be a square grid.
-    """
-    probabilities = class_probabilities(patch_features[:, 1:], text_features, temperature)
-    batch, patches, _ = probabilities.shape
-    side = int(patches ** 0.5)
-    if side * side != patches:
-        raise ValueError(f"{patches} patch tokens do not form a square grid")
-    grid = probabilities.reshape(batch, side, side, 2).permute(0, 3, 1, 2)
-    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
 
 
 @register_method("anomalyclip")
@@ -219,8 +200,10 @@ class AnomalyCLIP(Detector, Trainable):
             module.train(training)
         self._text_features = None
 
-    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor,
+                      samples: Sequence[Sample] = ()) -> dict[str, Tensor]:
         """Returns the reference losses of one batch: CE on the global logits + λ·(focal + 2 Dice) per map layer."""
+        del samples  # object-agnostic: the pixels and labels are all it learns from
         cfg = self.config
         global_features, patch_features = self.encode_images(images)
         text = self.prompt_learner(self.clip)
