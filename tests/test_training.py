@@ -66,11 +66,11 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(isolated_results:
     calls = {"n": 0}
     original = AnomalyCLIP.training_step
 
-    def interrupting_step(self, images, masks, labels):
+    def interrupting_step(self, images, masks, labels, samples=()):
         calls["n"] += 1
         if calls["n"] == 5:  # second step of epoch 2
             raise KeyboardInterrupt
-        return original(self, images, masks, labels)
+        return original(self, images, masks, labels, samples)
 
     monkeypatch.setattr(AnomalyCLIP, "training_step", interrupting_step)
     assert main(["train", "--method", "anomalyclip", *DATA, "--categories", "carpet,tile", *TINY,

@@ -155,12 +155,19 @@ class Trainable(abc.ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Returns the parameters the optimiser updates (everything else stays frozen)."""
 
+    def prepare_training(self, dataset: Dataset) -> None:
+        """Sees the whole auxiliary dataset once before the first step (e.g. AdaptCLIP collects each category's
+        normal training images, its prompt images); default nothing."""
+        del dataset  # most methods learn from the batches alone
+
     @abc.abstractmethod
-    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor,
+                      samples: Sequence[Sample] = ()) -> dict[str, Tensor]:
         """Returns the losses of one batch: ``"loss"`` (minimised, with grad) and any components to log.
 
         ``images`` (B, 3, H, W) are preprocessed by :meth:`Detector.transform`, ``masks`` (B, H, W) are float {0, 1}
-        at the input size (all zero for normal images), ``labels`` (B,) are 0 normal / 1 anomalous.
+        at the input size (all zero for normal images), ``labels`` (B,) are 0 normal / 1 anomalous, ``samples`` the
+        batch's :class:`Sample` records (category, path) in batch order.
         """
 
     def make_optimizer(self) -> torch.optim.Optimizer:

@@ -137,6 +137,7 @@ def fit(detector: Trainable, train_data: Dataset, *, checkpoint_dir: str | Path 
         raise ValueError(f"train.epochs and train.batch_size must be >= 1, got {options.epochs} and "
                          f"{options.batch_size}")
     samples = training_samples(train_data, options.split)
+    detector.prepare_training(train_data)
     device = detector.device  # type: ignore[attr-defined]
     optimizer = detector.make_optimizer()
     generator = torch.Generator().manual_seed(options.seed)
@@ -167,7 +168,8 @@ def fit(detector: Trainable, train_data: Dataset, *, checkpoint_dir: str | Path 
                        leave=False, disable=not progress)
             for images, masks, indices in bar:
                 mask = torch.from_numpy(np.stack(masks)).to(device=device, dtype=torch.float32)
-                losses = detector.training_step(images.to(device), mask, labels_all[indices].to(device))
+                losses = detector.training_step(images.to(device), mask, labels_all[indices].to(device),
+                                                [samples[i] for i in indices])
                 if LOSS_KEY not in losses:
                     raise KeyError(f"{type(detector).__name__}.training_step must return a {LOSS_KEY!r} entry")
                 optimizer.zero_grad(set_to_none=True)
