@@ -1,6 +1,7 @@
 """Built-in method plugins; importing this package registers them (zsadbench.methods)."""
 
 from zsadbench.methods import (
+    adaptclip,  # noqa: E402,F401  (registers "adaptclip")
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
     headclip,  # noqa: E402,F401  (registers "headclip")
     musc,  # noqa: E402,F401  (registers "musc")

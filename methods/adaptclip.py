@@ -1,0 +1,498 @@
+"""AdaptCLIP: Adapting CLIP for Universal Visual Anomaly Detection (Gao et al., AAAI 2026).
+
+Paper: https://arxiv.org/abs/2505.09926. Reference implementation: gaobb/AdaptCLIP @354d9e3 (GPL-2.0: re-implemented
+from shared/specs/adaptclip.md, no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
+
+Method, as implemented:
+
+1. Backbone (frozen, fp32), AnomalyCLIP's: OpenAI ViT-L/14@336px with QuickGELU at 518 px, positional embedding
+   resized bilinearly to 37×37, the V-V (DPAM) path from block 6 (zsadbench.clip.dual_path). Patch features
+   P^(l) = ln_post(v_l) @ proj for l in {6, 12, 18, 24} (distinct layers: AnomalyCLIP's copy bug does not apply);
+   global feature g = o_24[CLS] @ proj without ln_post.
+2. Visual adapter (VA): residual MLPs x + Linear-BN-ReLU-Linear (768 → 192 → 768, no biases) on g and, row-wise with
+   the CLS row, on P^(24), scored against the frozen hand-crafted text T_s (WinCLIP's 7 + 4 states × 21 templates with
+   the class word "object"; the mean of the raw sentence embeddings).
+3. Textual adapter (TA): 12 learned context vectors per prompt ("[V1..V12] ." / "[W1..W12] .", input layer only)
+   scored against the frozen visual features g and P^(24).
+   Both: logits = cos / 0.07, maps = softmax over {normal, abnormal} per patch, CLS dropped, upsampled bilinearly.
+4. Zero-shot: M = G_σ4(½(M_VA + M_TA)); s = ⅓(p_VA + p_TA + max M).
+5. Prompt-query adapter (PQA, few-shot, k normal prompt images per category): per layer l, every query patch q finds its
+   nearest prompt patch r (cosine over all k·1369 prompt patches): alignment map A_l = min(1 − q·r), upsampled;
+   F_l = q + |q − r| (with context) → BatchNorm2d_l (one per layer) → a local head (convolutions, two 2× transposed
+   convolutions, 2 classes, softmax, upsampled) and a global head (MLP on ½(mean + mean of the top 10) of F_l over the
+   patches); both heads shared by the four layers. M = G_σ4(HM(⅓(M_VA + M_TA + M_PQ), HM_l A_l)),
+   s = HM(⅓(p_VA + p_TA + p_PQ), max M), M_PQ and p_PQ averaged over the layers, HM the harmonic mean, NaN → 0.
+6. Training on another dataset's test split, each query with one random normal train-split image of its category as
+   prompt: all three adapters in one Adam step (lr 1e-3, betas (0.5, 0.999), batch 8, 15 epochs, seed 10) on the plain
+   sum of CE(logits) + focal(S) + Dice(S_abn, gt) + Dice(S_norm, 1 − gt) for VA, TA and each PQA layer ("alternating"
+   learning = decoupled co-training: VA against the frozen text, TA against the frozen visual features).
+
+Checkpoints: zsadbench's own and the authors' ``{"textual_learner", "visual_learner", "pq_learner"}`` files.
+
+Deliberate deviations from the reference:
+
+- Random draws differ: the adapters are initialised from seeded private generators and the training batches are
+  shuffled by the loop's own generator; prompt images are drawn with Python's ``random`` like the reference, but after
+  a different history of draws.
+- A training batch of a single image (the last one of an epoch) runs the two image-level BatchNorm1d layers (VA global
+  MLP, PQA global head) with their running statistics for that step; the reference cannot train on it.
+- The top-10 pooling of the PQA global head takes min(10, patches) values (small test inputs have fewer patches).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
+from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.dual_path import forward_dual_path
+from zsadbench.clip.prompts import LearnablePrompts
+from zsadbench.clip.scoring import patch_probability_maps
+from zsadbench.clip.text import compositional_prompts, prompt_ensemble_features
+from zsadbench.data import load_images
+from zsadbench.detector import Detector, FewShot, Trainable
+from zsadbench.filters import gaussian_filter
+from zsadbench.losses import binary_dice_loss, focal_loss
+from zsadbench.registry import register_method
+from zsadbench.tracking import file_sha256
+from zsadbench.training import TrainConfig
+from zsadbench.transforms import ClipTransform
+from zsadbench.types import Dataset, Prediction, Sample
+
+TEXTUAL_ADAPTER_TEXTS = (".", ".")  # "[V1..V12] ." and "[W1..W12] .": no class word, no state word
+
+
+@dataclass
+class AdaptCLIPConfig:
+    """AdaptCLIP settings; defaults are the reference's (scripts/{train,test}_adaptclip.sh)."""
+
+    model: str = "ViT-L-14-336-quickgelu"  # open_clip architecture; QuickGELU as the OpenAI weights were trained
+    pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
+    image_size: int = 518
+    pos_embed_mode: str = "bilinear"
+    activation: str = "auto"
+    vv_start_layer: int = 6  # DPAM_layer=20 of 24
+    feature_layers: tuple[int, ...] = (6, 12, 18, 24)  # PQA layers; the VA and TA use the last one
+    class_word: str = "object"  # the static text's class word (never the category name)
+    n_ctx: int = 12  # TA context vectors per prompt
+    va_reduction: int = 4  # VA bottleneck: width / 4
+    pq_hidden: int = 128  # PQA heads' first hidden width ("pq_mid_dim")
+    pq_context: bool = True  # F = q + |q - r| (False: |q - r| only)
+    temperature: float = 0.07
+    sigma: float = 4.0
+    shots: int = 0  # k normal prompt images per category (0 = zero-shot: VA + TA)
+    reference_seed: int = 10  # seed of the per-category prompt draw (the reference reports seeds 10, 20, 30)
+    checkpoint: str | None = None  # trained adapters: a zsadbench checkpoint or the authors' epoch_15.pth
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(seed=10))
+
+
+def harmonic_mean(*tensors: Tensor) -> Tensor:
+    """Returns the element-wise harmonic mean n / Σ 1/x (0 where an input is 0; NaN or inf: callers clean up)."""
+    return len(tensors) / torch.stack([1.0 / t for t in tensors]).sum(dim=0)
+
+
+# ---- 2. visual adapter -----------------------------------------------------------------------------------------------
+
+class ResidualMLP(nn.Module):
+    """x + Linear-BatchNorm-ReLU-Linear(x) (no biases), applied to the last dimension of (..., D) features."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = dim // reduction
+        self.fc = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # every token is a BatchNorm sample (the CLS row included)
+        return x + self.fc(rows).reshape(x.shape)
+
+
+class VisualAdapter(nn.Module):
+    """Adapts the global feature and the last layer's patch features (VA)."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.global_mlp = ResidualMLP(dim, reduction)
+        self.local_mlp = ResidualMLP(dim, reduction)
+
+    def forward(self, global_features: Tensor, patch_features: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns adapted (B, E) global and (B, 1 + P, E) patch features (not normalised)."""
+        return self.global_mlp(global_features), self.local_mlp(patch_features)
+
+
+# ---- 5. prompt-query adapter -----------------------------------------------------------------------------------------
+
+@dataclass
+class PromptQueryOutput:
+    """What the PQA gives for one layer."""
+
+    alignment: Tensor  # (B, P) min_j (1 - q·r_j): distance of each query patch to its nearest prompt patch
+    probabilities: Tensor  # (B, 2, 4·side, 4·side) local-head softmax [normal, abnormal]
+    logits: Tensor  # (B, 2) global-head logits
+
+
+class PromptQueryAdapter(nn.Module):
+    """Compares query patches with their nearest normal prompt patches, per layer (PQA)."""
+
+    def __init__(self, dim: int, hidden: int = 128, layers: int = 4, context: bool = True) -> None:
+        super().__init__()
+        self.context = context
+        self.fusion_norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(layers))  # one per layer
+        self.local_head = nn.Sequential(  # shared by all layers: 2x2 transposed convolutions upsample 4x
+            nn.Conv2d(dim, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(hidden, hidden, 2, stride=2),
+            nn.Conv2d(hidden, hidden // 2, 3, padding=1, bias=False), nn.BatchNorm2d(hidden // 2),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(hidden // 2, hidden // 2, 2, stride=2),
+            nn.Conv2d(hidden // 2, 2, 1))
+        self.global_head = nn.Sequential(  # shared by all layers
+            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden // 2, bias=False), nn.BatchNorm1d(hidden // 2), nn.ReLU(inplace=True),
+            nn.Linear(hidden // 2, 2, bias=False))
+
+    def forward(self, layer: int, query: Tensor, prompts: Tensor) -> PromptQueryOutput:
+        """Scores (B, 1 + P, E) query tokens of the ``layer``-th PQA layer against (B, S, 1 + P, E) prompt tokens."""
+        q = F.normalize(query, dim=-1)[:, 1:]
+        r = F.normalize(prompts, dim=-1)[:, :, 1:].flatten(1, 2)  # the S·P prompt patches, pooled
+        alignment, nearest = (1.0 - q @ r.transpose(1, 2)).min(dim=-1)
+        matched = torch.gather(r, 1, nearest.unsqueeze(-1).expand(-1, -1, r.shape[-1]))
+        fused = q + (q - matched).abs() if self.context else (q - matched).abs()
+        batch, patches, dim = fused.shape
+        side = int(patches ** 0.5)
+        fused = self.fusion_norms[layer](fused.transpose(1, 2).reshape(batch, dim, side, side))
+        probabilities = self.local_head(fused).softmax(dim=1)
+        flat = fused.flatten(2)
+        pooled = (flat.mean(dim=-1) + flat.topk(min(10, patches), dim=-1).values.mean(dim=-1)) / 2
+        return PromptQueryOutput(alignment, probabilities, self.global_head(pooled))
+
+
+# ---- the detector ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class BranchOutput:
+    """One branch's scores for a batch: image logits (B, 2) and upsampled [normal, abnormal] maps (B, 2, H, W)."""
+
+    logits: Tensor
+    maps: Tensor
+
+
+@register_method("adaptclip")
+class AdaptCLIP(Detector, Trainable, FewShot):
+    """AdaptCLIP: visual and textual adapters (zero-shot) plus a prompt-query adapter (k normal prompt images)."""
+
+    label = "AdaptCLIP"
+    Config = AdaptCLIPConfig
+    # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path
+    regression_variants = {
+        "zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56},
+        "1-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56, "shots": 1},
+    }
+
+    def __init__(self, config: AdaptCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
+        super().__init__(config, seed=seed, **overrides)
+        cfg: AdaptCLIPConfig = self.config
+        self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
+                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation,  # type: ignore[arg-type]
+                                  seed=seed)
+        self.clip = self.backbone.model
+        depth = len(self.clip.visual.transformer.resblocks)
+        bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
+        if not cfg.feature_layers or bad:
+            raise ValueError(f"adaptclip: feature_layers {list(cfg.feature_layers)} must be V-V layers "
+                             f"{cfg.vv_start_layer}..{depth}")
+        if cfg.shots < 0:
+            raise ValueError(f"adaptclip: shots must be >= 0, got {cfg.shots}")
+        embed_dim = self.clip.text_projection.shape[1]
+        self.textual_adapter = LearnablePrompts(self.clip, cfg.model, n_ctx=cfg.n_ctx, texts=TEXTUAL_ADAPTER_TEXTS,
+                                                deep_depth=1, seed=cfg.train.seed)
+        with torch.random.fork_rng(devices=[]):  # PyTorch's default inits, seeded, without touching the global RNG
+            torch.manual_seed(cfg.train.seed)
+            self.visual_adapter = VisualAdapter(embed_dim, cfg.va_reduction)
+            self.pq_adapter = PromptQueryAdapter(embed_dim, cfg.pq_hidden, len(cfg.feature_layers), cfg.pq_context)
+        self.set_train_mode(False)
+        self._transform = ClipTransform(cfg.image_size)
+        self._static_text: Tensor | None = None  # T_s (2, E), frozen: computed once
+        self._learned_text: Tensor | None = None  # T_l (2, E) for inference; reset when the adapters change
+        self.references: dict[str, list[Tensor]] = {}  # category -> per PQA layer (S, 1 + P, E) prompt tokens
+        self.training_prompts: dict[str, list[Sample]] = {}  # category -> normal train-split images (training)
+        self.checkpoint_source: str | None = None
+        self._fitted = False
+        self._warned_untrained = False
+        if cfg.checkpoint:
+            self.load_checkpoint(cfg.checkpoint)
+
+    # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
+        return (self.config.image_size, self.config.image_size)
+
+    def transform(self, image: Image.Image) -> Tensor:
+        """Returns the (3, S, S) tensor: PIL bicubic squash to S×S, OpenAI mean/std."""
+        return self._transform(image)
+
+    def learnable_modules(self) -> dict[str, nn.Module]:
+        """Returns the three adapters by checkpoint key prefix."""
+        return {"textual_adapter": self.textual_adapter, "visual_adapter": self.visual_adapter,
+                "pq_adapter": self.pq_adapter}
+
+    def to(self, device: str | torch.device) -> AdaptCLIP:
+        """Moves the backbone, the adapters, the text features and the prompt memories to ``device``."""
+        super().to(device)
+        self.clip.to(self.device)
+        for module in self.learnable_modules().values():
+            module.to(self.device)
+        self._static_text = None if self._static_text is None else self._static_text.to(self.device)
+        self._learned_text = None
+        self.references = {c: [t.to(self.device) for t in m] for c, m in self.references.items()}
+        return self
+
+    def describe(self) -> dict[str, object]:
+        """Returns the backbone facts, the adapters' origin (sha256 or ``untrained``) and their size."""
+        return {**self.backbone.describe(), "adapters": self.checkpoint_source or "untrained (random init)",
+                "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
+
+    # ---- 1. visual features (DPAM) -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Returns g (B, E) and the patch features P^(l) (B, 1 + P, E) of every PQA layer, not normalised."""
+        visual, layers = self.clip.visual, tuple(self.config.feature_layers)
+        out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
+                                vv_taps=layers)
+        return out.global_feature, out.patch_features(visual, layers)
+
+    # ---- text features -----------------------------------------------------------------------------------------------
+    def static_text(self) -> Tensor:
+        """Returns T_s (2, E): the means of the raw normal and abnormal sentence embeddings (computed once)."""
+        if self._static_text is None:
+            with torch.no_grad():
+                prompts = compositional_prompts(self.config.class_word)
+                self._static_text = prompt_ensemble_features(self.clip, self.config.model, prompts)
+        return self._static_text
+
+    def learned_text(self) -> Tensor:
+        """Returns T_l (2, E) of the textual adapter (with gradients while training, cached otherwise)."""
+        if self.textual_adapter.training:
+            return self.textual_adapter(self.clip)
+        if self._learned_text is None:
+            with torch.no_grad():
+                self._learned_text = self.textual_adapter(self.clip)
+        return self._learned_text
+
+    # ---- 2.-3. zero-shot branches ------------------------------------------------------------------------------------
+    def score(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> BranchOutput:
+        """Returns logits cos(g, t) / τ and upsampled patch probabilities of features against a text pair."""
+        tau = self.config.temperature
+        logits = F.normalize(global_features, dim=-1) @ F.normalize(text, dim=-1).T / tau
+        return BranchOutput(logits, patch_probability_maps(patch_features, text, tau, self.input_size))
+
+    def visual_branch(self, global_features: Tensor, patches: Tensor) -> BranchOutput:
+        """Returns the VA's scores: adapted visual features against the frozen static text."""
+        adapted_global, adapted_patches = self.visual_adapter(global_features, patches)
+        return self.score(adapted_global, adapted_patches, self.static_text())
+
+    def textual_branch(self, global_features: Tensor, patches: Tensor) -> BranchOutput:
+        """Returns the TA's scores: the frozen visual features against the learned text."""
+        return self.score(global_features, patches, self.learned_text())
+
+    # ---- 5. prompt-query branch --------------------------------------------------------------------------------------
+    def prompt_query_branch(self, patch_features: Sequence[Tensor],
+                            prompt_features: Sequence[Tensor]) -> tuple[list[BranchOutput], list[Tensor]]:
+        """Returns the PQA's scores per layer and the upsampled alignment maps A_l (B, H, W).
+
+        ``prompt_features`` per layer: (B, S, 1 + P, E), the prompt tokens of each query.
+        """
+        branches, alignments = [], []
+        for layer, (query, prompts) in enumerate(zip(patch_features, prompt_features)):
+            out = self.pq_adapter(layer, query, prompts)
+            side = int(out.alignment.shape[1] ** 0.5)
+            alignment = F.interpolate(out.alignment.reshape(-1, 1, side, side), size=self.input_size, mode="bilinear",
+                                      align_corners=False)
+            alignments.append(alignment[:, 0])
+            maps = F.interpolate(out.probabilities, size=self.input_size, mode="bilinear", align_corners=False)
+            branches.append(BranchOutput(out.logits, maps))
+        return branches, alignments
+
+    # ---- 4.-5. inference ---------------------------------------------------------------------------------------------
+    def set_reference(self, images: Tensor, category: str) -> None:
+        """Stores the prompt tokens of the k normal prompt images of ``category`` for the PQA (all layers)."""
+        if self.shots == 0:
+            raise RuntimeError("adaptclip: set_reference needs shots > 0")
+        _, patch_features = self.encode_images(images)
+        self.references[category] = patch_features
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, category: str) -> Prediction:
+        """Returns fused image scores (B,) and smoothed anomaly maps (B, S, S) (zero-shot, or k-shot with prompts)."""
+        untrained = self.checkpoint_source is None and not self._fitted and self.backbone.weights_source != "random"
+        if untrained and not self._warned_untrained:
+            self._warned_untrained = True
+            warnings.warn("adaptclip: no checkpoint loaded, the adapters are untrained (random initialisation); pass "
+                          "--checkpoint (a zsadbench training or the authors' epoch_15.pth)", UserWarning, stacklevel=2)
+        global_features, patch_features = self.encode_images(images)
+        visual = self.visual_branch(global_features, patch_features[-1])
+        textual = self.textual_branch(global_features, patch_features[-1])
+        p_visual, p_textual = visual.logits.softmax(-1)[:, 1], textual.logits.softmax(-1)[:, 1]
+        if self.shots == 0:
+            maps = gaussian_filter((visual.maps[:, 1] + textual.maps[:, 1]) / 2, self.config.sigma)
+            scores = (p_visual + p_textual + maps.flatten(1).amax(dim=1)) / 3
+        else:
+            memory = self.references.get(category)
+            if memory is None:
+                raise RuntimeError(f"adaptclip: shots={self.shots} but no prompt images were set for category "
+                                   f"{category!r} (set_reference)")
+            prompts = [m.unsqueeze(0).expand(len(images), *m.shape) for m in memory]
+            branches, alignments = self.prompt_query_branch(patch_features, prompts)
+            pq_map = torch.stack([b.maps[:, 1] for b in branches]).mean(dim=0)
+            p_pq = torch.stack([b.logits.softmax(-1)[:, 1] for b in branches]).mean(dim=0)
+            fused = harmonic_mean((visual.maps[:, 1] + textual.maps[:, 1] + pq_map) / 3, harmonic_mean(*alignments))
+            maps = gaussian_filter(fused, self.config.sigma)
+            scores = harmonic_mean((p_visual + p_textual + p_pq) / 3, maps.flatten(1).amax(dim=1))
+        return Prediction(torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0),
+                          torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0))
+
+    # ---- 6. training -------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Returns the parameters of all three adapters (one optimiser, decoupled co-training)."""
+        return [p for module in self.learnable_modules().values() for p in module.parameters()]
+
+    def set_train_mode(self, training: bool) -> None:
+        """Switches the adapters (their BatchNorms) between training and evaluation; drops the cached T_l."""
+        for module in self.learnable_modules().values():
+            module.train(training)
+        self._learned_text = None
+
+    def prepare_training(self, dataset: Dataset) -> None:
+        """Collects each category's normal train-split images: the prompt images of the training queries."""
+        self.training_prompts = {c: [s for s in dataset.split(c, "train") if s.label == 0]
+                                 for c in dataset.categories("train")}
+
+    def training_prompt_images(self, samples: Sequence[Sample]) -> Tensor:
+        """Returns one random normal train-split image of each sample's category, preprocessed (B, 3, S, S)."""
+        chosen = []
+        for sample in samples:
+            normals = self.training_prompts.get(sample.category)
+            if not normals:
+                raise ValueError(f"adaptclip training: category {sample.category!r} has no normal 'train' images to "
+                                 "use as prompt images (AdaptCLIP pairs each training query with one)")
+            chosen.append(random.choice(normals))  # Python's RNG, as the reference; the loop checkpoints its state
+        return load_images(chosen, self.transform).to(self.device)
+
+    def branch_losses(self, branch: BranchOutput, masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (CE of the logits, focal + Dice(abnormal) + Dice(normal) of the maps) of one branch."""
+        probabilities = branch.maps
+        local = (focal_loss(probabilities, masks) + binary_dice_loss(probabilities[:, 1], masks)
+                 + binary_dice_loss(probabilities[:, 0], 1 - masks))
+        return F.cross_entropy(branch.logits, labels.long()), local
+
+    def training_step(self, images: Tensor, masks: Tensor, labels: Tensor,
+                      samples: Sequence[Sample] = ()) -> dict[str, Tensor]:
+        """Returns the summed VA, TA and per-layer PQA losses of one batch (each query with one prompt image)."""
+        if len(samples) != len(images):
+            raise ValueError("adaptclip training needs each query's sample (its category picks the prompt image)")
+        global_features, patch_features = self.encode_images(images)
+        _, prompt_features = self.encode_images(self.training_prompt_images(samples))
+        image_level_norms = (self.visual_adapter.global_mlp, self.pq_adapter.global_head)
+        if len(images) == 1:  # BatchNorm1d cannot normalise a batch of one: running statistics for this step
+            for module in image_level_norms:
+                module.eval()
+        try:
+            visual = self.visual_branch(global_features, patch_features[-1])
+            textual = self.textual_branch(global_features, patch_features[-1])
+            pq, _ = self.prompt_query_branch(patch_features, [p.unsqueeze(1) for p in prompt_features])
+        finally:
+            for module in image_level_norms:
+                module.train(self.pq_adapter.training)
+        losses = {}
+        for name, branches in (("va", [visual]), ("ta", [textual]), ("pq", pq)):
+            terms = [self.branch_losses(branch, masks, labels) for branch in branches]
+            losses[f"{name}_image"] = torch.stack([image for image, _ in terms]).sum()
+            losses[f"{name}_local"] = torch.stack([local for _, local in terms]).sum()
+        self._fitted = True
+        total = torch.stack(list(losses.values())).sum()
+        return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Returns the adapters' parameters and BatchNorm statistics as ``<adapter>.<key>`` tensors (CPU copies)."""
+        return {f"{name}.{k}": v.detach().cpu().clone() for name, module in self.learnable_modules().items()
+                for k, v in module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restores the adapters from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
+        check_keys(state, {k: tuple(v.shape) for k, v in self.state_dict().items()},
+                   f"AdaptCLIP state (n_ctx {self.config.n_ctx}, {len(self.config.feature_layers)} PQA layers, "
+                   f"PQA hidden {self.config.pq_hidden})")
+        for name, module in self.learnable_modules().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        self._learned_text = None
+
+    def reference_state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """Returns the adapters in the authors' layout: textual/visual/pq learners, the PQ heads aliased per layer."""
+        visual = {f"{REFERENCE_VISUAL[name]}.{rest}": v.detach().clone()
+                  for key, v in self.visual_adapter.state_dict().items() for name, rest in [key.split(".", 1)]}
+        pq: dict[str, Tensor] = {}
+        for key, value in self.pq_adapter.state_dict().items():
+            name, rest = key.split(".", 1)
+            if name == "fusion_norms":
+                pq[f"sharebn.{rest}"] = value.detach().clone()
+            else:
+                for layer in range(len(self.config.feature_layers)):  # the same module listed once per layer
+                    pq[f"{REFERENCE_PQ_HEADS[name]}.{layer}.{rest}"] = value
+        return {"textual_learner": self.textual_adapter.reference_state_dict(),
+                "visual_learner": visual, "pq_learner": pq}
+
+    def load_reference_checkpoint(self, checkpoint: dict, path: str | Path) -> None:
+        """Loads the authors' ``{"textual_learner", "visual_learner", "pq_learner"}`` file (epoch_15.pth)."""
+        self.textual_adapter.load_reference_state(checkpoint["textual_learner"], str(path))
+        expected = self.reference_state_dict()
+        for part in ("visual_learner", "pq_learner"):
+            state = checkpoint.get(part)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"checkpoint {path}: no {part!r} state dict")
+            check_keys(state, {k: tuple(v.shape) for k, v in expected[part].items()},
+                       f"checkpoint {path}: {part} of AdaptCLIP ({len(self.config.feature_layers)} PQA layers)")
+        visual_names = {v: k for k, v in REFERENCE_VISUAL.items()}
+        self.visual_adapter.load_state_dict({f"{visual_names[key.split('.', 1)[0]]}.{key.split('.', 1)[1]}": v
+                                             for key, v in checkpoint["visual_learner"].items()})
+        pq_state, heads = {}, {v: k for k, v in REFERENCE_PQ_HEADS.items()}
+        for key, value in checkpoint["pq_learner"].items():
+            name, rest = key.split(".", 1)
+            if name == "sharebn":
+                pq_state[f"fusion_norms.{rest}"] = value
+                continue
+            layer, leaf = rest.split(".", 1)
+            first = checkpoint["pq_learner"][f"{name}.0.{leaf}"]
+            if not torch.equal(value, first):  # the released files hold one shared head, listed once per layer
+                raise CheckpointError(f"checkpoint {path}: pq_learner.{key} differs from {name}.0.{leaf}; AdaptCLIP "
+                                      "shares its PQA heads across layers")
+            pq_state[f"{heads[name]}.{leaf}"] = first
+        self.pq_adapter.load_state_dict(pq_state)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Loads a zsadbench checkpoint or the authors' released adapters (epoch_15.pth)."""
+        checkpoint = read_checkpoint(path)
+        try:
+            if isinstance(checkpoint.get("textual_learner"), dict):
+                self.load_reference_checkpoint(checkpoint, path)
+            else:
+                self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
+        except CheckpointError as exc:
+            message = str(exc)
+            raise CheckpointError(message if str(path) in message else f"checkpoint {path}: {message}") from None
+        self._learned_text = None
+        self.checkpoint_source = f"sha256:{file_sha256(path)}"
+
+
+REFERENCE_VISUAL = {"global_mlp": "global_adapter", "local_mlp": "local_adater"}  # (sic) the authors' key
+REFERENCE_PQ_HEADS = {"local_head": "local_adapter", "global_head": "global_adapter"}
