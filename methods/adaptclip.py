@@ -375,6 +375,11 @@ class AdaptCLIP(Detector, Trainable, FewShot):
         """Collects each category's normal train-split images: the prompt images of the training queries."""
         self.training_prompts = {c: [s for s in dataset.split(c, "train") if s.label == 0]
                                  for c in dataset.categories("train")}
+        missing = [c for c in dataset.categories(self.config.train.split) if not self.training_prompts.get(c)]
+        if missing:
+            raise ValueError(f"adaptclip training: categories {', '.join(map(repr, missing))} of {dataset.name!r} have "
+                             "no normal 'train' images to use as prompt images (AdaptCLIP pairs each training query "
+                             "with one)")
 
     def training_prompt_images(self, samples: Sequence[Sample]) -> Tensor:
         """Returns one random normal train-split image of each sample's category, preprocessed (B, 3, S, S)."""

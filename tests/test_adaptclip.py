@@ -228,7 +228,7 @@ def test_training_pairs_each_query_with_a_normal_train_image(tmp_path: Path) -> 
                for c, normals in detector.training_prompts.items() for p in normals)
     no_train = zsadbench.load_dataset("synthetic", image_size=48, n_train=0, n_test_normal=1, n_test_anomalous=1,
                                       categories="carpet")
-    with pytest.raises(ValueError, match="category 'carpet' has no normal 'train' images"):
+    with pytest.raises(ValueError, match="categories 'carpet' of 'synthetic' have no normal 'train' images"):
         tiny().fit(no_train, epochs=1, progress=False)
 
 
