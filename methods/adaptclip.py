@@ -42,30 +42,27 @@ Deliberate deviations from the reference:
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
-from zsadbench.clip.backbone import load_clip
+from zsadbench.checkpoints import CheckpointError, check_keys
 from zsadbench.clip.dual_path import forward_dual_path
+from zsadbench.clip.learned_parts import LearnedPartsDetector
 from zsadbench.clip.prompts import LearnablePrompts
 from zsadbench.clip.scoring import patch_probability_maps
 from zsadbench.clip.text import compositional_prompts, prompt_ensemble_features
 from zsadbench.data import load_images
-from zsadbench.detector import Detector, FewShot, Trainable
+from zsadbench.detector import FewShot
 from zsadbench.filters import gaussian_filter
 from zsadbench.losses import binary_dice_loss, focal_loss
 from zsadbench.registry import register_method
-from zsadbench.tracking import file_sha256
 from zsadbench.training import TrainConfig
-from zsadbench.transforms import ClipTransform
 from zsadbench.types import Dataset, Prediction, Sample
 
 TEXTUAL_ADAPTER_TEXTS = (".", ".")  # "[V1..V12] ." and "[W1..W12] .": no class word, no state word
@@ -186,11 +183,12 @@ class BranchOutput:
 
 
 @register_method("adaptclip")
-class AdaptCLIP(Detector, Trainable, FewShot):
+class AdaptCLIP(LearnedPartsDetector, FewShot):
     """AdaptCLIP: visual and textual adapters (zero-shot) plus a prompt-query adapter (k normal prompt images)."""
 
     label = "AdaptCLIP"
     Config = AdaptCLIPConfig
+    learned_parts = "adapters"
     # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path
     regression_variants = {
         "zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56},
@@ -199,18 +197,15 @@ class AdaptCLIP(Detector, Trainable, FewShot):
 
     def __init__(self, config: AdaptCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
         super().__init__(config, seed=seed, **overrides)
+        if self.config.shots < 0:
+            raise ValueError(f"adaptclip: shots must be >= 0, got {self.config.shots}")
+        self.references: dict[str, list[Tensor]] = {}  # category -> per PQA layer (S, 1 + P, E) prompt tokens
+        self.training_prompts: dict[str, list[Sample]] = {}  # category -> normal train-split images (training)
+
+    # ---- learned parts: the three adapters ---------------------------------------------------------------------------
+    def build_learnable_parts(self) -> None:
+        """Creates the TA (learned prompts), the VA and the PQA, seeded by ``train.seed``."""
         cfg: AdaptCLIPConfig = self.config
-        self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation,  # type: ignore[arg-type]
-                                  seed=seed)
-        self.clip = self.backbone.model
-        depth = len(self.clip.visual.transformer.resblocks)
-        bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
-        if not cfg.feature_layers or bad:
-            raise ValueError(f"adaptclip: feature_layers {list(cfg.feature_layers)} must be V-V layers "
-                             f"{cfg.vv_start_layer}..{depth}")
-        if cfg.shots < 0:
-            raise ValueError(f"adaptclip: shots must be >= 0, got {cfg.shots}")
         embed_dim = self.clip.text_projection.shape[1]
         self.textual_adapter = LearnablePrompts(self.clip, cfg.model, n_ctx=cfg.n_ctx, texts=TEXTUAL_ADAPTER_TEXTS,
                                                 deep_depth=1, seed=cfg.train.seed)
@@ -218,48 +213,24 @@ class AdaptCLIP(Detector, Trainable, FewShot):
             torch.manual_seed(cfg.train.seed)
             self.visual_adapter = VisualAdapter(embed_dim, cfg.va_reduction)
             self.pq_adapter = PromptQueryAdapter(embed_dim, cfg.pq_hidden, len(cfg.feature_layers), cfg.pq_context)
-        self.set_train_mode(False)
-        self._transform = ClipTransform(cfg.image_size)
         self._static_text: Tensor | None = None  # T_s (2, E), frozen: computed once
-        self._learned_text: Tensor | None = None  # T_l (2, E) for inference; reset when the adapters change
-        self.references: dict[str, list[Tensor]] = {}  # category -> per PQA layer (S, 1 + P, E) prompt tokens
-        self.training_prompts: dict[str, list[Sample]] = {}  # category -> normal train-split images (training)
-        self.checkpoint_source: str | None = None
-        self._fitted = False
-        self._warned_untrained = False
-        if cfg.checkpoint:
-            self.load_checkpoint(cfg.checkpoint)
-
-    # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
-        return (self.config.image_size, self.config.image_size)
-
-    def transform(self, image: Image.Image) -> Tensor:
-        """Returns the (3, S, S) tensor: PIL bicubic squash to S×S, OpenAI mean/std."""
-        return self._transform(image)
+        self._learned_text: Tensor | None = None  # T_l (2, E) for inference
 
     def learnable_modules(self) -> dict[str, nn.Module]:
         """Returns the three adapters by checkpoint key prefix."""
         return {"textual_adapter": self.textual_adapter, "visual_adapter": self.visual_adapter,
                 "pq_adapter": self.pq_adapter}
 
-    def to(self, device: str | torch.device) -> AdaptCLIP:
-        """Moves the backbone, the adapters, the text features and the prompt memories to ``device``."""
-        super().to(device)
-        self.clip.to(self.device)
-        for module in self.learnable_modules().values():
-            module.to(self.device)
-        self._static_text = None if self._static_text is None else self._static_text.to(self.device)
+    def clear_caches(self) -> None:
+        """Drops the cached learned text T_l (the adapters changed, moved or switched to training)."""
         self._learned_text = None
+
+    def to(self, device: str | torch.device) -> AdaptCLIP:
+        """Moves the backbone, the adapters, the static text and the prompt memories to ``device``."""
+        super().to(device)
+        self._static_text = None if self._static_text is None else self._static_text.to(self.device)
         self.references = {c: [t.to(self.device) for t in m] for c, m in self.references.items()}
         return self
-
-    def describe(self) -> dict[str, object]:
-        """Returns the backbone facts, the adapters' origin (sha256 or ``untrained``) and their size."""
-        return {**self.backbone.describe(), "adapters": self.checkpoint_source or "untrained (random init)",
-                "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
 
     # ---- 1. visual features (DPAM) -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -333,11 +304,7 @@ class AdaptCLIP(Detector, Trainable, FewShot):
     @torch.no_grad()
     def predict(self, images: Tensor, category: str) -> Prediction:
         """Returns fused image scores (B,) and smoothed anomaly maps (B, S, S) (zero-shot, or k-shot with prompts)."""
-        untrained = self.checkpoint_source is None and not self._fitted and self.backbone.weights_source != "random"
-        if untrained and not self._warned_untrained:
-            self._warned_untrained = True
-            warnings.warn("adaptclip: no checkpoint loaded, the adapters are untrained (random initialisation); pass "
-                          "--checkpoint (a zsadbench training or the authors' epoch_15.pth)", UserWarning, stacklevel=2)
+        self.warn_if_untrained()
         global_features, patch_features = self.encode_images(images)
         visual = self.visual_branch(global_features, patch_features[-1])
         textual = self.textual_branch(global_features, patch_features[-1])
@@ -361,16 +328,6 @@ class AdaptCLIP(Detector, Trainable, FewShot):
                           torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0))
 
     # ---- 6. training -------------------------------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Returns the parameters of all three adapters (one optimiser, decoupled co-training)."""
-        return [p for module in self.learnable_modules().values() for p in module.parameters()]
-
-    def set_train_mode(self, training: bool) -> None:
-        """Switches the adapters (their BatchNorms) between training and evaluation; drops the cached T_l."""
-        for module in self.learnable_modules().values():
-            module.train(training)
-        self._learned_text = None
-
     def prepare_training(self, dataset: Dataset) -> None:
         """Collects each category's normal train-split images: the prompt images of the training queries."""
         self.training_prompts = {c: [s for s in dataset.split(c, "train") if s.label == 0]
@@ -427,20 +384,10 @@ class AdaptCLIP(Detector, Trainable, FewShot):
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        """Returns the adapters' parameters and BatchNorm statistics as ``<adapter>.<key>`` tensors (CPU copies)."""
-        return {f"{name}.{k}": v.detach().cpu().clone() for name, module in self.learnable_modules().items()
-                for k, v in module.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restores the adapters from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
-        check_keys(state, {k: tuple(v.shape) for k, v in self.state_dict().items()},
-                   f"AdaptCLIP state (n_ctx {self.config.n_ctx}, {len(self.config.feature_layers)} PQA layers, "
-                   f"PQA hidden {self.config.pq_hidden})")
-        for name, module in self.learnable_modules().items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        self._learned_text = None
+    def state_description(self) -> str:
+        """Returns what the learned state holds, for error messages."""
+        return (f"AdaptCLIP state (n_ctx {self.config.n_ctx}, {len(self.config.feature_layers)} PQA layers, "
+                f"PQA hidden {self.config.pq_hidden})")
 
     def reference_state_dict(self) -> dict[str, dict[str, Tensor]]:
         """Returns the adapters in the authors' layout: textual/visual/pq learners, the PQ heads aliased per layer."""
@@ -457,7 +404,11 @@ class AdaptCLIP(Detector, Trainable, FewShot):
         return {"textual_learner": self.textual_adapter.reference_state_dict(),
                 "visual_learner": visual, "pq_learner": pq}
 
-    def load_reference_checkpoint(self, checkpoint: dict, path: str | Path) -> None:
+    def is_reference_checkpoint(self, checkpoint: dict[str, Any]) -> bool:
+        """Returns whether ``checkpoint`` is the authors' ``{"textual_learner", ...}`` layout (spec §11)."""
+        return isinstance(checkpoint.get("textual_learner"), dict)
+
+    def load_reference_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:
         """Loads the authors' ``{"textual_learner", "visual_learner", "pq_learner"}`` file (epoch_15.pth)."""
         self.textual_adapter.load_reference_state(checkpoint["textual_learner"], str(path))
         expected = self.reference_state_dict()
@@ -483,20 +434,6 @@ class AdaptCLIP(Detector, Trainable, FewShot):
                                       "shares its PQA heads across layers")
             pq_state[f"{heads[name]}.{leaf}"] = first
         self.pq_adapter.load_state_dict(pq_state)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Loads a zsadbench checkpoint or the authors' released adapters (epoch_15.pth)."""
-        checkpoint = read_checkpoint(path)
-        try:
-            if isinstance(checkpoint.get("textual_learner"), dict):
-                self.load_reference_checkpoint(checkpoint, path)
-            else:
-                self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
-        except CheckpointError as exc:
-            message = str(exc)
-            raise CheckpointError(message if str(path) in message else f"checkpoint {path}: {message}") from None
-        self._learned_text = None
-        self.checkpoint_source = f"sha256:{file_sha256(path)}"
 
 
 REFERENCE_VISUAL = {"global_mlp": "global_adapter", "local_mlp": "local_adater"}  # (sic) the authors' key

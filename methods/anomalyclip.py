@@ -38,28 +38,23 @@ Deliberate deviations from the reference:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
-from zsadbench.clip.backbone import load_clip
 from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
+from zsadbench.clip.learned_parts import LearnedPartsDetector
 from zsadbench.clip.prompts import ANOMALYCLIP_TEXTS, LearnablePrompts
 from zsadbench.clip.scoring import class_probabilities, patch_probability_maps
-from zsadbench.detector import Detector, Trainable
 from zsadbench.filters import gaussian_filter
 from zsadbench.losses import binary_dice_loss, focal_loss
 from zsadbench.registry import register_method
-from zsadbench.tracking import file_sha256
 from zsadbench.training import TrainConfig
-from zsadbench.transforms import ClipTransform
 from zsadbench.types import Prediction, Sample
 
 
@@ -86,7 +81,7 @@ class AnomalyCLIPConfig:
 
 
 @register_method("anomalyclip")
-class AnomalyCLIP(Detector, Trainable):
+class AnomalyCLIP(LearnedPartsDetector):
     """AnomalyCLIP: object-agnostic learnable prompts scored against DPAM (V-V) patch features."""
 
     label = "AnomalyCLIP"
@@ -95,61 +90,22 @@ class AnomalyCLIP(Detector, Trainable):
     regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",
                                          "image_size": 56}}
 
-    def __init__(self, config: AnomalyCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
-        super().__init__(config, seed=seed, **overrides)
-        cfg: AnomalyCLIPConfig = self.config
-        self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation,  # type: ignore[arg-type]
-                                  seed=seed)
-        self.clip = self.backbone.model
-        depth = len(self.clip.visual.transformer.resblocks)
-        bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
-        if not cfg.feature_layers or bad:
-            raise ValueError(f"{self.name}: feature_layers {list(cfg.feature_layers)} must be V-V layers "
-                             f"{cfg.vv_start_layer}..{depth}")
-        self.build_learnable_parts()
-        self._transform = ClipTransform(cfg.image_size)
-        self._text_features: Tensor | None = None  # cached (2, E) for inference; reset when the prompts change
-        self.checkpoint_source: str | None = None
-        self._fitted = False  # trained in this session (no checkpoint needed to score meaningfully)
-        self._warned_untrained = False
-        if cfg.checkpoint:
-            self.load_checkpoint(cfg.checkpoint)
-
-    # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
-        return (self.config.image_size, self.config.image_size)
-
-    def transform(self, image: Image.Image) -> Tensor:
-        """Returns the (3, S, S) tensor: PIL bicubic squash to S×S, OpenAI mean/std."""
-        return self._transform(image)
-
-    def to(self, device: str | torch.device) -> AnomalyCLIP:
-        """Moves the backbone and the learnable parts to ``device``."""
-        super().to(device)
-        self.clip.to(self.device)
-        for module in self.learnable_modules().values():
-            module.to(self.device)
-        self._text_features = None
-        return self
-
+    # ---- learned parts: the prompts of 3. ----------------------------------------------------------------------------
     def build_learnable_parts(self) -> None:
         """Creates the learnable prompts (subclasses add their parts here, before a checkpoint is loaded)."""
         cfg: AnomalyCLIPConfig = self.config
         self.prompt_learner = LearnablePrompts(
             self.clip, cfg.model, n_ctx=cfg.n_ctx, texts=ANOMALYCLIP_TEXTS, deep_depth=cfg.deep_prompt_depth,
             deep_length=cfg.deep_prompt_length, fp16_deep_prompts=cfg.fp16_deep_prompts, seed=cfg.train.seed)
+        self._text_features: Tensor | None = None  # cached (2, E) for inference
 
     def learnable_modules(self) -> dict[str, nn.Module]:
         """Returns the learnable parts by checkpoint key prefix: the prompts (subclasses add theirs)."""
         return {"prompt_learner": self.prompt_learner}
 
-    def describe(self) -> dict[str, object]:
-        """Returns the backbone facts and the checkpoint the prompts came from (sha256), or ``untrained``."""
-        return {**self.backbone.describe(), "prompts": self.checkpoint_source or "untrained (random init)",
-                "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
+    def clear_caches(self) -> None:
+        """Drops the cached text features (the prompts changed, moved or switched to training)."""
+        self._text_features = None
 
     # ---- 2. visual features (DPAM) -----------------------------------------------------------------------------------
     def encode_images(self, images: Tensor, head_weights: HeadWeightsFn | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -175,11 +131,7 @@ class AnomalyCLIP(Detector, Trainable):
     def predict(self, images: Tensor, category: str) -> Prediction:
         """Returns image scores (B,) and anomaly maps (B, S, S) for a preprocessed batch (the category is not used)."""
         del category  # object-agnostic: the same prompts for every category
-        untrained = self.checkpoint_source is None and not self._fitted and self.backbone.weights_source != "random"
-        if untrained and not self._warned_untrained:
-            self._warned_untrained = True
-            warnings.warn(f"{self.name}: no checkpoint loaded, the prompts are untrained (random initialisation); pass "
-                          "--checkpoint (a zsadbench training or the authors' epoch_15.pth)", UserWarning, stacklevel=3)
+        self.warn_if_untrained()
         text = self.text_features()
         global_features, patch_features = self.encode_images(images)
         scores = class_probabilities(global_features, text, self.config.temperature)[:, 1]
@@ -190,16 +142,6 @@ class AnomalyCLIP(Detector, Trainable):
         return Prediction(scores, gaussian_filter(maps, self.config.sigma))
 
     # ---- 5. training -------------------------------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Returns the parameters of the learnable parts: both context tensors and the deep prompts."""
-        return [p for module in self.learnable_modules().values() for p in module.parameters()]
-
-    def set_train_mode(self, training: bool) -> None:
-        """Marks the learnable parts as training or not; drops cached text features."""
-        for module in self.learnable_modules().values():
-            module.train(training)
-        self._text_features = None
-
     def training_step(self, images: Tensor, masks: Tensor, labels: Tensor,
                       samples: Sequence[Sample] = ()) -> dict[str, Tensor]:
         """Returns the reference losses of one batch: CE on the global logits + λ·(focal + 2 Dice) per map layer."""
@@ -222,38 +164,15 @@ class AnomalyCLIP(Detector, Trainable):
                 "dice_abnormal": dice_abnormal.detach(), "dice_normal": dice_normal.detach()}
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        """Returns the learnable parts as ``<part>.<key>`` tensors (``prompt_learner.<reference key>``; CPU copies)."""
-        return {f"{name}.{k}": v.detach().cpu().clone() for name, module in self.learnable_modules().items()
-                for k, v in module.state_dict().items()}
-
     def state_description(self) -> str:
         """Returns what the learnable state holds, for error messages."""
         return (f"{self.display_name()} state (n_ctx {self.config.n_ctx}, deep prompts "
                 f"{self.config.deep_prompt_depth - 1} x {self.config.deep_prompt_length})")
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restores the learnable parts from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
-        check_keys(state, {k: tuple(v.shape) for k, v in self.state_dict().items()}, self.state_description())
-        for name, module in self.learnable_modules().items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        self._text_features = None
+    def is_reference_checkpoint(self, checkpoint: dict[str, Any]) -> bool:
+        """Returns whether ``checkpoint`` is the authors' ``{"prompt_learner": ...}`` layout (spec §7)."""
+        return isinstance(checkpoint.get("prompt_learner"), dict)
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Loads a zsadbench checkpoint or the authors' ``{"prompt_learner": ...}`` file (epoch_15.pth)."""
-        checkpoint = read_checkpoint(path)
-        try:
-            if isinstance(checkpoint.get("prompt_learner"), dict):  # the authors' layout (spec §7)
-                self.load_reference_checkpoint(checkpoint, path)
-                self._text_features = None
-            else:
-                self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
-        except CheckpointError as exc:
-            message = str(exc)
-            raise CheckpointError(message if str(path) in message else f"checkpoint {path}: {message}") from None
-        self.checkpoint_source = f"sha256:{file_sha256(path)}"
-
-    def load_reference_checkpoint(self, checkpoint: dict, path: str | Path) -> None:
-        """Loads the prompts of a file in the authors' layout, ``{"prompt_learner": <reference keys>}``."""
+    def load_reference_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        """Loads the prompts of a file in the authors' layout (epoch_15.pth)."""
         self.prompt_learner.load_reference_state(checkpoint["prompt_learner"], str(path))
