@@ -16,28 +16,13 @@ with the load average.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_anomalyclip import install_reference_shims, timed
-
-
-def parse_args() -> argparse.Namespace:
-    """Returns the command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2, help="images per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--model", default="ViT-L-14-336-quickgelu", help="architecture (default: the full-size one)")
-    parser.add_argument("--image-size", type=int, default=518)
-    parser.add_argument("--ref-root", help="a work tree of gaobb/AdaptCLIP to time the reference against")
-    return parser.parse_args()
+from clip_bench import clip_arguments, install_reference_shims, print_rates, random_weights, timed
 
 
 def reference(ref_root: str, state: dict, adapters: dict, prompt, image_size: int):  # noqa: ANN001, ANN201
@@ -94,21 +79,19 @@ def reference(ref_root: str, state: dict, adapters: dict, prompt, image_size: in
 
 def main() -> None:
     """Runs the benchmark and prints medians and ratios."""
-    args = parse_args()
+    parser = clip_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--ref-root", help="a work tree of gaobb/AdaptCLIP to time the reference against")
+    args = parser.parse_args()
     import torch
 
     import zsadbench
-    from zsadbench.clip.backbone import load_clip
     from zsadbench.clip.dual_path import forward_dual_path
     from zsadbench.clip.testing import synthetic_images
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no checkpoint")  # untrained adapters are fine for timing
-    state = {k: v.detach().clone() for k, v in load_clip(args.model, "random", seed=0).model.state_dict().items()}
     options = {"model": args.model, "image_size": args.image_size}
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "random.pt"
-        torch.save(state, weights)
+    with random_weights(args.model) as (state, weights):
         zero = zsadbench.load_method("adaptclip", pretrained=str(weights), **options)
         one = zsadbench.load_method("adaptclip", pretrained=str(weights), shots=1, **options)
     one.load_state_dict(zero.state_dict())  # the same adapters in both
@@ -140,11 +123,7 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(f"AdaptCLIP, {args.model} @ {args.image_size}px, random weights, batch {args.images}, {args.threads} "
           f"threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> {load_after:.2f})")
-    rates = {}
-    for name, values in times.items():
-        rates[name] = args.images / statistics.median(values)
-        print(f"  inference {name:26s} median {statistics.median(values):7.2f} s/batch  {rates[name]:6.3f} images/s"
-              f"  (all: {', '.join(f'{v:.1f}' for v in values)})")
+    rates = print_rates("inference", times, args.images)
     for shots in ("0-shot", "1-shot"):
         baseline = f"gaobb/AdaptCLIP {shots}" if args.ref_root else "dual-path forward only"
         target = " (target >= 1.0)" if args.ref_root else ""

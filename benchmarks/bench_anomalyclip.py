@@ -21,41 +21,19 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from clip_bench import clip_arguments, install_reference_shims, print_rates, random_weights, timed
+
 
 def parse_args() -> argparse.Namespace:
     """Returns the command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2, help="images per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--model", default="ViT-L-14-336-quickgelu", help="architecture (default: the full-size one)")
-    parser.add_argument("--image-size", type=int, default=518)
+    parser = clip_arguments(__doc__.splitlines()[0])
     parser.add_argument("--ref-root", help="a checkout of zqhang/AnomalyCLIP to time the reference against")
     parser.add_argument("--no-train", action="store_true", help="time inference only")
     return parser.parse_args()
-
-
-def install_reference_shims() -> None:
-    """Stands in for two modules the reference imports at module level but never uses (thop, pkg_resources)."""
-    import importlib.util
-
-    import packaging.version  # noqa: F401  (the reference reads pkg_resources.packaging.version)
-
-    if importlib.util.find_spec("thop") is None:
-        thop = types.ModuleType("thop")
-        thop.profile = None  # type: ignore[attr-defined]
-        sys.modules["thop"] = thop
-    if importlib.util.find_spec("pkg_resources") is None:  # removed from recent setuptools
-        pkg_resources = types.ModuleType("pkg_resources")
-        pkg_resources.packaging = sys.modules["packaging"]  # type: ignore[attr-defined]
-        sys.modules["pkg_resources"] = pkg_resources
 
 
 def reference(ref_root: str, state: dict, prompt_state: dict, image_size: int):  # noqa: ANN201 - reference objects
@@ -119,34 +97,17 @@ def reference(ref_root: str, state: dict, prompt_state: dict, image_size: int): 
     return infer, train_step
 
 
-def timed(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Returns wall times of ``repeats`` alternating runs of each runner (after one warm-up run each)."""
-    for run in runners.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     """Runs the benchmark and prints medians and ratios."""
     args = parse_args()
     import torch
     from zsadbench.methods.anomalyclip import AnomalyCLIP
 
-    from zsadbench.clip.backbone import load_clip
     from zsadbench.clip.testing import synthetic_images
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="anomalyclip: no checkpoint")  # random prompts are fine for timing
-    state = {k: v.detach().clone() for k, v in load_clip(args.model, "random", seed=0).model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "random.pt"
-        torch.save(state, weights)
+    with random_weights(args.model) as (state, weights):
         ours = AnomalyCLIP(model=args.model, pretrained=str(weights), image_size=args.image_size)
     images = torch.stack([ours.transform(im) for im in synthetic_images(args.images, seed=0, anomalous=(0,))])
     masks = (torch.rand(args.images, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
@@ -193,11 +154,7 @@ def main() -> None:
 
     print(f"AnomalyCLIP, {args.model} @ {args.image_size}px, random weights, batch {args.images}, {args.threads} "
           f"threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> {load_after:.2f})")
-    rates = {}
-    for name, values in infer.items():
-        rates[name] = args.images / statistics.median(values)
-        print(f"  inference  {name:24s} median {statistics.median(values):7.2f} s/batch  {rates[name]:6.3f} images/s"
-              f"  (all: {', '.join(f'{v:.1f}' for v in values)})")
+    rates = print_rates("inference", infer, args.images)
     print(f"  inference ratio zsadbench / {baseline_name} images/s = {rates['zsadbench'] / rates[baseline_name]:.2f}"
           + (" (target >= 1.0)" if args.ref_root else " (the V-V path and scoring on top of one plain forward)"))
     for name, values in train.items():

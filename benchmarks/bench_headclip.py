@@ -14,45 +14,27 @@ untrained prompts and the same batch. Timed, alternating so that load from other
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import tempfile
 import warnings
-from pathlib import Path
 
-from bench_anomalyclip import timed
-
-
-def parse_args() -> argparse.Namespace:
-    """Returns the command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2, help="images per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--model", default="ViT-L-14-336-quickgelu", help="architecture (default: the full-size one)")
-    parser.add_argument("--image-size", type=int, default=518)
-    parser.add_argument("--no-train", action="store_true", help="time inference only")
-    return parser.parse_args()
+from clip_bench import clip_arguments, print_rates, random_weights, timed
 
 
 def main() -> None:
     """Runs the benchmark and prints medians and ratios."""
-    args = parse_args()
+    parser = clip_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--no-train", action="store_true", help="time inference only")
+    args = parser.parse_args()
     import torch
 
     import zsadbench
-    from zsadbench.clip.backbone import load_clip
     from zsadbench.clip.testing import synthetic_images
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no checkpoint")  # random prompts are fine for timing
-    state = {k: v.detach().clone() for k, v in load_clip(args.model, "random", seed=0).model.state_dict().items()}
     options = {"model": args.model, "image_size": args.image_size}
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "random.pt"
-        torch.save(state, weights)
-        del state
+    with random_weights(args.model) as (_, weights):
         detectors = {
             "HeadCLIP static": zsadbench.load_method("headclip", pretrained=str(weights), **options),
             "HeadCLIP conditioned": zsadbench.load_method("headclip", pretrained=str(weights), **options,
@@ -83,11 +65,7 @@ def main() -> None:
     print(f"HeadCLIP vs AnomalyCLIP, {args.model} @ {args.image_size}px, random weights, batch {args.images}, "
           f"{args.threads} threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> "
           f"{load_after:.2f})")
-    rates = {}
-    for name, values in infer.items():
-        rates[name] = args.images / statistics.median(values)
-        print(f"  inference  {name:22s} median {statistics.median(values):7.2f} s/batch  {rates[name]:6.3f} images/s"
-              f"  (all: {', '.join(f'{v:.1f}' for v in values)})")
+    rates = print_rates("inference", infer, args.images)
     for name in ("HeadCLIP static", "HeadCLIP conditioned"):
         print(f"  inference ratio {name} / AnomalyCLIP images/s = {rates[name] / rates['AnomalyCLIP']:.3f} "
               "(the head weights should cost next to nothing: ~1.0)")

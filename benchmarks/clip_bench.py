@@ -1,0 +1,83 @@
+"""Shared scaffolding of the CLIP-method benchmarks (AnomalyCLIP, HeadCLIP, AdaptCLIP); not a benchmark itself.
+
+Options every one of them takes, a seeded random full-size weights file that zsadbench and a reference load alike,
+alternating timed runs, and stand-ins for the modules the reference implementations import but never use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def clip_arguments(description: str) -> argparse.ArgumentParser:
+    """Returns a parser with the common options: --images, --repeats, --threads, --model, --image-size."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--images", type=int, default=2, help="images per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--model", default="ViT-L-14-336-quickgelu", help="architecture (default: the full-size one)")
+    parser.add_argument("--image-size", type=int, default=518)
+    return parser
+
+
+@contextlib.contextmanager
+def random_weights(model: str) -> Iterator[tuple[dict, Path]]:
+    """Yields (state dict, file holding it) of seeded random ``model`` weights; the file lives inside the block."""
+    import torch
+
+    from zsadbench.clip.backbone import load_clip
+
+    state = {k: v.detach().clone() for k, v in load_clip(model, "random", seed=0).model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "random.pt"
+        torch.save(state, path)
+        yield state, path
+
+
+def timed(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Returns wall times of ``repeats`` alternating runs of each runner (after one warm-up run each)."""
+    for run in runners.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def print_rates(kind: str, times: dict[str, list[float]], images: int) -> dict[str, float]:
+    """Prints each runner's median time and images/s; returns images/s by runner."""
+    rates = {}
+    width = max(map(len, times))
+    for name, values in times.items():
+        median = statistics.median(values)
+        rates[name] = images / median
+        print(f"  {kind} {name:{width}s} median {median:7.2f} s/batch  {rates[name]:6.3f} images/s"
+              f"  (all: {', '.join(f'{v:.1f}' for v in values)})")
+    return rates
+
+
+def install_reference_shims() -> None:
+    """Stands in for modules the references import at module level but never use (thop, pkg_resources)."""
+    import importlib.util
+
+    import packaging.version  # noqa: F401  (the references read pkg_resources.packaging.version)
+
+    if importlib.util.find_spec("thop") is None:
+        thop = types.ModuleType("thop")
+        thop.profile = None  # type: ignore[attr-defined]
+        sys.modules["thop"] = thop
+    if importlib.util.find_spec("pkg_resources") is None:  # removed from recent setuptools
+        pkg_resources = types.ModuleType("pkg_resources")
+        pkg_resources.packaging = sys.modules["packaging"]  # type: ignore[attr-defined]
+        sys.modules["pkg_resources"] = pkg_resources
