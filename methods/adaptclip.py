@@ -109,6 +109,7 @@ class ResidualMLP(nn.Module):
                                 nn.Linear(hidden, dim, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Returns the adapted features, shaped like ``x``."""
         rows = x.reshape(-1, x.shape[-1])  # every token is a BatchNorm sample (the CLS row included)
         return x + self.fc(rows).reshape(x.shape)
 

@@ -143,8 +143,7 @@ class HeadCLIP(AnomalyCLIP):
         return f"{super().state_description()}, head weights {lhw.mode} on layers {lhw.layers!r}"
 
     def load_reference_checkpoint(self, checkpoint: dict, path: str | Path) -> None:
-        """Loads ``{"prompt_learner": ..., ["head_weights": ...]}``: AnomalyCLIP's released files (head weights stay
-        at 1) or the spec's HeadCLIP layout."""
+        """Loads the spec's ``{"prompt_learner", "head_weights"}`` layout or AnomalyCLIP's (head weights stay 1)."""
         super().load_reference_checkpoint(checkpoint, path)
         if "head_weights" in checkpoint:
             expected = {k: tuple(v.shape) for k, v in self.head_weights.state_dict().items()}

@@ -156,8 +156,10 @@ class Trainable(abc.ABC):
         """Returns the parameters the optimiser updates (everything else stays frozen)."""
 
     def prepare_training(self, dataset: Dataset) -> None:
-        """Sees the whole auxiliary dataset once before the first step (e.g. AdaptCLIP collects each category's
-        normal training images, its prompt images); default nothing."""
+        """Sees the whole auxiliary dataset once before the first step; by default nothing.
+
+        AdaptCLIP collects each category's normal training images here: the prompt images of its training queries.
+        """
         del dataset  # most methods learn from the batches alone
 
     @abc.abstractmethod

@@ -64,8 +64,10 @@ class HeadWeights(nn.Module):
             self.generators = nn.ModuleList(generators)
 
     def forward(self, layer: int, u: Tensor) -> Tensor | None:
-        """Returns the head weights of ``layer`` given its attention input ``u`` (B, N, D): (H,) static, (B, H)
-        conditioned; None for a layer without weights."""
+        """Returns the weights of ``layer``'s heads for attention input ``u`` (B, N, D); None for unweighted layers.
+
+        Static weights have shape (H,), conditioned ones (B, H).
+        """
         row = self._row.get(layer)
         if row is None:
             return None
