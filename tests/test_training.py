@@ -31,6 +31,9 @@ def test_train_then_run(isolated_results: Path, mlflow_store: Path, capsys: pyte
     assert status == 0
     printed = capsys.readouterr().out
     assert "epoch 1:" in printed and "epoch 2:" in printed and "evaluate with: zsadbench run" in printed
+    hint = printed.split("evaluate with: ")[1].splitlines()[0]  # repeats the model options, not the training ones
+    assert "--pretrained random" in hint and "--set model=tiny-ViT-L-14-336-quickgelu" in hint
+    assert "--set image_size=56" in hint and "train." not in hint
 
     runs = training_runs(isolated_results)
     assert len(runs) == 1

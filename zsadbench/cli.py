@@ -166,8 +166,17 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
         folder = results_dir() / "training" / run_id
         print(f"\ntraining {run_id}: checkpoints in {folder}")
         if result.last_checkpoint is not None:
-            print(f"evaluate with: zsadbench run --method {result.method} --checkpoint {result.last_checkpoint} "
-                  "--dataset <dataset> ...")
+            import shlex
+
+            from zsadbench.jobs import read_state
+
+            # the model options of the training (backbone, weights, size) must be given again; train.* are not needed
+            model_options = {k: v for k, v in read_state("training", run_id)[1]["overrides"].items()
+                             if not k.startswith("train.") and k != "checkpoint"}
+            options = "".join(f" --pretrained {shlex.quote(v)}" if k == "pretrained"
+                              else f" --set {shlex.quote(f'{k}={v}')}" for k, v in model_options.items())
+            print(f"evaluate with: zsadbench run --method {result.method} --checkpoint {result.last_checkpoint}"
+                  f"{options} --dataset <dataset> ...")
         return 0
 
     return handle
