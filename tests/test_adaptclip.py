@@ -221,6 +221,26 @@ def test_training_pairs_each_query_with_a_normal_train_image(tmp_path: Path) -> 
         tiny().fit(no_train, epochs=1, progress=False)
 
 
+def test_resumed_training_draws_the_same_prompts_and_ends_equal(tmp_path: Path) -> None:
+    """The prompt draws use Python's RNG, whose state the loop checkpoints: a resumed training ends bit-identical."""
+    aux = zsadbench.load_dataset("synthetic", image_size=48, n_train=3, n_test_normal=2, n_test_anomalous=2,
+                                 categories="carpet,bottle")
+    straight = tiny()
+    straight.fit(aux, epochs=2, batch_size=3, checkpoint_dir=tmp_path / "a", progress=False)
+
+    def stop(step: int, losses: dict[str, float]) -> None:
+        if step == 4:  # in the middle of epoch 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny().fit(aux, epochs=2, batch_size=3, checkpoint_dir=tmp_path / "b", progress=False, on_step=stop)
+    resumed = tiny()
+    resumed.fit(aux, epochs=2, batch_size=3, checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "b" / "epoch_1.pth",
+                progress=False)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 def test_checkpoint_round_trip_and_the_authors_layout(tmp_path: Path) -> None:
     aux = zsadbench.load_dataset("synthetic", image_size=48, n_train=1, n_test_normal=2, n_test_anomalous=2,
                                  categories="carpet")
