@@ -12,9 +12,10 @@ import json
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from zsadbench.methods.anomalyclip import AnomalyCLIP, class_probabilities, patch_probability_maps
+from zsadbench.methods.anomalyclip import AnomalyCLIP
 
 from zsadbench.clip.dual_path import forward_dual_path
+from zsadbench.clip.scoring import class_probabilities, patch_probability_maps
 from zsadbench.data import resize_mask
 from zsadbench.filters import gaussian_filter
 
