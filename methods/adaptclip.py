@@ -341,13 +341,8 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
 
     def training_prompt_images(self, samples: Sequence[Sample]) -> Tensor:
         """Returns one random normal train-split image of each sample's category, preprocessed (B, 3, S, S)."""
-        chosen = []
-        for sample in samples:
-            normals = self.training_prompts.get(sample.category)
-            if not normals:
-                raise ValueError(f"adaptclip training: category {sample.category!r} has no normal 'train' images to "
-                                 "use as prompt images (AdaptCLIP pairs each training query with one)")
-            chosen.append(random.choice(normals))  # Python's RNG, as the reference; the loop checkpoints its state
+        # Python's RNG, as the reference; the loop checkpoints its state. prepare_training checked every category.
+        chosen = [random.choice(self.training_prompts[sample.category]) for sample in samples]
         return load_images(chosen, self.transform).to(self.device)
 
     def branch_losses(self, branch: BranchOutput, masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -392,8 +387,7 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
 
     def reference_state_dict(self) -> dict[str, dict[str, Tensor]]:
         """Returns the adapters in the authors' layout: textual/visual/pq learners, the PQ heads aliased per layer."""
-        visual = {f"{REFERENCE_VISUAL[name]}.{rest}": v.detach().clone()
-                  for key, v in self.visual_adapter.state_dict().items() for name, rest in [key.split(".", 1)]}
+        visual = renamed(self.visual_adapter.state_dict(), REFERENCE_VISUAL)
         pq: dict[str, Tensor] = {}
         for key, value in self.pq_adapter.state_dict().items():
             name, rest = key.split(".", 1)
@@ -419,9 +413,8 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
                 raise CheckpointError(f"checkpoint {path}: no {part!r} state dict")
             check_keys(state, {k: tuple(v.shape) for k, v in expected[part].items()},
                        f"checkpoint {path}: {part} of AdaptCLIP ({len(self.config.feature_layers)} PQA layers)")
-        visual_names = {v: k for k, v in REFERENCE_VISUAL.items()}
-        self.visual_adapter.load_state_dict({f"{visual_names[key.split('.', 1)[0]]}.{key.split('.', 1)[1]}": v
-                                             for key, v in checkpoint["visual_learner"].items()})
+        self.visual_adapter.load_state_dict(renamed(checkpoint["visual_learner"],
+                                                    {v: k for k, v in REFERENCE_VISUAL.items()}))
         pq_state, heads = {}, {v: k for k, v in REFERENCE_PQ_HEADS.items()}
         for key, value in checkpoint["pq_learner"].items():
             name, rest = key.split(".", 1)
@@ -439,3 +432,9 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
 
 REFERENCE_VISUAL = {"global_mlp": "global_adapter", "local_mlp": "local_adater"}  # (sic) the authors' key
 REFERENCE_PQ_HEADS = {"local_head": "local_adapter", "global_head": "global_adapter"}
+
+
+def renamed(state: dict[str, Tensor], names: dict[str, str]) -> dict[str, Tensor]:
+    """Returns copies of ``state``'s tensors with each key's first component renamed by ``names``."""
+    return {f"{names[head]}.{rest}": v.detach().clone() for key, v in state.items()
+            for head, rest in [key.split(".", 1)]}

@@ -158,7 +158,7 @@ class AnomalyCLIP(LearnedPartsDetector):
             dice_abnormal = dice_abnormal + binary_dice_loss(probabilities[:, 1], masks)
             dice_normal = dice_normal + binary_dice_loss(probabilities[:, 0], 1 - masks)
         loss = cfg.local_loss_weight * (focal + dice_abnormal + dice_normal) + image_loss
-        self._text_features = None
+        self.clear_caches()
         self._fitted = True
         return {"loss": loss, "image_loss": image_loss.detach(), "focal": focal.detach(),
                 "dice_abnormal": dice_abnormal.detach(), "dice_normal": dice_normal.detach()}
