@@ -15,10 +15,11 @@ category without a ``ground_truth`` folder is image-level only (AdaCLIP's re-pac
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from zsadbench.data import DataError, DatasetLayoutError, list_images
+from zsadbench.data import DataError, DatasetLayoutError, DataWarning, list_images
 from zsadbench.registry import register_dataset
 from zsadbench.types import Dataset, Sample
 
@@ -94,7 +95,9 @@ def read_tree(root: Path, dataset: str, *, normal_dirs: Iterable[str] = ("good",
                 samples.append(Sample(image, category, 1, mask, defect_dir.name, dataset, cat_domain, "test",
                                       mask_threshold))
         if not any(s.category == category and s.split == "test" for s in samples):
-            raise DataError(f"category {category!r} of {dataset} has no test images under {cat_dir / 'test'}")
+            # an empty category must not block the others; naming it with --categories is then an error
+            warnings.warn(f"category {category!r} of {dataset} has no test images under {cat_dir / 'test'}; it is "
+                          "left out", DataWarning, stacklevel=2)
     return samples
 
 

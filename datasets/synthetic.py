@@ -30,6 +30,7 @@ from zsadbench.registry import register_dataset
 from zsadbench.types import Dataset
 
 VERSION = 1  # bump when the drawing code changes: cached trees are keyed by it
+MARKER = "synthetic.json"  # the file that makes a folder a synthetic benchmark (the only kind ever replaced)
 MEDICAL = ("brain", "skin")
 DEFECTS = {
     "carpet": ("scratch", "hole", "stain"),
@@ -219,16 +220,23 @@ def load_synthetic(root: Path | None = None, *, image_size: int = 128, n_train: 
               "n_test_anomalous": int(n_test_anomalous), "seed": int(seed)}
     if min(counts["n_train"], counts["n_test_normal"], counts["n_test_anomalous"]) < 0 or counts["image_size"] < 16:
         raise ValueError(f"synthetic options out of range: {counts}")
+    unknown = [c for c in categories if c not in BACKGROUNDS]
+    if unknown or not categories:
+        raise ValueError(f"synthetic categories {unknown or '(none)'}: choose from {', '.join(BACKGROUNDS)}")
     options: dict[str, Any] = {**counts, "categories": list(categories)}
     target = Path(root) if root is not None else _cache_root(options)
-    manifest = target / "synthetic.json"
+    manifest = target / MARKER
     if not manifest.is_file() or json.loads(manifest.read_text()) != {"version": VERSION, **options}:
+        if target.exists() and not manifest.is_file() and (not target.is_dir() or any(target.iterdir())):
+            # never replace a folder that is not a synthetic benchmark: it may hold the user's files
+            raise ValueError(f"--data-root {target} is not empty and not a synthetic benchmark (no {MARKER}); "
+                             "pass an empty or new folder, or leave --data-root out to use the results folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=target.parent))
         try:  # generate aside, then move into place: an interrupted generation never looks complete
             generate(staging, **counts, categories=tuple(categories))
-            (staging / "synthetic.json").write_text(json.dumps({"version": VERSION, **options}, sort_keys=True))
-            if target.exists():
+            (staging / MARKER).write_text(json.dumps({"version": VERSION, **options}, sort_keys=True))
+            if target.exists():  # empty, or a synthetic benchmark of other options (checked above)
                 shutil.rmtree(target)
             staging.rename(target)
         finally:

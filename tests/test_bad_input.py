@@ -12,7 +12,7 @@ from test_datasets import make_mvtec
 
 import zsadbench
 from zsadbench.cli import main
-from zsadbench.data import DataError, DatasetLayoutError, check_files
+from zsadbench.data import DataError, DatasetLayoutError, DataWarning, check_files
 from zsadbench.evaluation import EvalOptions, evaluate
 from zsadbench.metrics import MetricWarning
 
@@ -76,8 +76,11 @@ def test_skip_bad_counts_and_records(tmp_path: Path, test_methods) -> None:
 def test_empty_category_names_category(tmp_path: Path) -> None:
     root = make_mvtec(tmp_path / "mvtec")
     (root / "hollow" / "test" / "good").mkdir(parents=True)
-    with pytest.raises(DataError, match="category 'hollow' of mvtec has no test images"):
-        zsadbench.load_dataset("mvtec", root)
+    with pytest.warns(DataWarning, match="category 'hollow' of mvtec has no test images.*left out"):
+        dataset = zsadbench.load_dataset("mvtec", root)
+    assert dataset.categories() == ["bottle", "grid"]
+    with pytest.raises(ValueError, match=r"no category \['hollow'\]"):
+        dataset.subset(["hollow"])
 
 
 def test_unknown_category_and_option_are_named(tmp_path: Path, capsys, test_methods) -> None:
@@ -99,6 +102,6 @@ def test_category_without_anomalies_gives_nan_and_warning(tmp_path: Path, test_m
     plain = result.categories["plain"].metrics
     assert all(math.isnan(plain[m]) for m in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "mad_all7"))
     assert any(issubclass(w.category, MetricWarning) for w in caught)
-    with pytest.warns(MetricWarning, match="undefined for plain"):
+    with pytest.warns(MetricWarning, match=r"image metrics: mean over 2 of 3 categories \(undefined for: plain\)"):
         mean = result.mean()
     assert not math.isnan(mean["image_auroc"])  # the mean is over the categories where the metric is defined

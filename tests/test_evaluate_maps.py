@@ -88,7 +88,7 @@ def test_maps_are_paired_with_their_images_resized_and_scored(tmp_path):
         for name, value in expected(truth, dataset, category).items():
             assert got[name] == pytest.approx(value, abs=1e-12), (category, name)
         assert 0 < got["pixel_aupro"] <= 1
-        assert result.categories[category].tags["pixel_aupro"] == "aupro.exact@0.3"
+    assert result.tags["pixel_aupro"] == "aupro.exact@0.3"
     mean = result.mean()
     assert mean["pixel_auroc"] == pytest.approx(np.mean([result.categories[c].metrics["pixel_auroc"]
                                                          for c in ("gadget", "widget")]))
@@ -112,7 +112,7 @@ def test_step200_and_image_level_categories(tmp_path):
     data, truth = write_tree(tmp_path)
     dataset = load(data)
     step = evaluate_anomaly_maps(tmp_path / "maps", dataset, ["widget"], aupro="step200", progress=False)
-    assert step.categories["widget"].tags["pixel_aupro"] == "aupro.step200@0.3"
+    assert step.tags["pixel_aupro"] == "aupro.step200@0.3"
     # Without masks for its anomalous images, a category is scored at image level only.
     image_level = Dataset("toy", data, [Sample(s.image_path, s.category, s.label, None, s.defect_type, "toy")
                                         for s in dataset.samples])
@@ -174,7 +174,7 @@ def test_cli_writes_the_json_format(tmp_path, capsys):
         want = expected(truth, load(data), category)
         assert metrics["pixel_auroc"] == pytest.approx(want["pixel_auroc"], abs=1e-12)
     assert set(written["mean"]) == names
-    assert written["tags"]["widget"]["pixel_aupro"] == "aupro.exact@0.3"
+    assert written["tags"]["pixel_aupro"] == "aupro.exact@0.3"
     assert main(["evaluate", "--anomaly-maps", str(tmp_path / "nowhere"), "--dataset", "mvtec", "--data-root",
                  str(data)]) == 2
     assert "anomaly-map folder not found" in capsys.readouterr().err

@@ -289,8 +289,11 @@ def test_one_label_only_gives_nan_and_a_warning():
         assert math.isnan(f1_max(np.array([0.1, 0.2]), np.array([False, False])))
     with pytest.warns(MetricWarning, match="AUROC undefined: only positive"):
         assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([True, True])))
-    # With positives only, AP and F1-max are defined (sklearn gives 1.0).
-    assert average_precision(np.array([0.1, 0.2]), np.array([True, True])) == 1.0
+    # With positives only, sklearn gives AP = 1.0 whatever the scores: undefined here, as AUROC is.
+    with pytest.warns(MetricWarning, match="AP undefined: no negative samples"):
+        assert math.isnan(average_precision(np.array([0.1, 0.2]), np.array([True, True])))
+    with pytest.warns(MetricWarning, match="F1-max undefined: no negative samples"):
+        assert math.isnan(f1_max(np.array([0.1, 0.2]), np.array([True, True])))
 
 
 def test_all_scores_equal():

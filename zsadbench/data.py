@@ -20,6 +20,10 @@ class DataError(ValueError):
     """A data file is missing, unreadable or inconsistent; the message names the file."""
 
 
+class DataWarning(UserWarning):
+    """Part of a dataset is left out (an empty category); the message names it."""
+
+
 def _open(path: Path, what: str) -> Image.Image:
     if not path.exists():
         raise DataError(f"{what} not found: {path}")

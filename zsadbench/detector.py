@@ -39,6 +39,9 @@ class Detector(abc.ABC):
     # overrides that select a tiny seeded backbone and a small input size. Goldens: results/regression/
     # <method>.<variant>.json, created with `zsadbench check --method NAME --update`. Empty: check fails and says so.
     regression_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Named configurations (`--preset NAME`): config overrides, e.g. "smoke", a tiny seeded random backbone at a small
+    # input size that runs in seconds on a CPU (listed by `zsadbench methods`).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # Per-metric tolerances that replace the defaults of zsadbench.regression.DEFAULT_TOLERANCES for this method.
     regression_tolerances: ClassVar[dict[str, dict[str, float]]] = {}
 
@@ -215,8 +218,9 @@ class FewShot(abc.ABC):
         Default protocol (AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices with
         replacement, so duplicates are possible and the draw is reproducible per category.
         """
-        if num_available == 0:
-            raise ValueError(f"category {category!r} has no normal training images to draw {self.shots} shots from")
+        if self.shots > num_available:  # a draw with replacement would repeat images and call it k-shot
+            raise ValueError(f"category {category!r} has {num_available} normal training image"
+                             f"{'' if num_available == 1 else 's'}: too few for {self.shots} shots (--shots)")
         seed = int(getattr(self.config, "reference_seed", 10))  # type: ignore[attr-defined]
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(num_available, (self.shots,), generator=generator).tolist()

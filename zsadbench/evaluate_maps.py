@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from zsadbench.data import DataError, read_mask
 from zsadbench.evaluation import CategoryResult, EvaluationResult
-from zsadbench.metrics import CategoryMetrics
+from zsadbench.metrics import CategoryMetrics, metric_tags
 from zsadbench.types import Dataset, Sample
 
 MAP_EXTENSIONS = (".tiff", ".tif")
@@ -115,7 +115,8 @@ def evaluate_category_maps(maps_dir: str | Path, dataset: Dataset, category: str
     given = read_scores(csv_path, samples) if csv_path.is_file() else {}
     metrics = CategoryMetrics(pixel=pixel, aupro=aupro, fpr_limit=fpr_limit, category=category)
     image_scores: list[float] = []
-    for sample in tqdm(samples, desc=f"  {category}", unit="img", leave=False, disable=not progress):
+    bar = tqdm(samples, desc=f"  {category}", unit="img", leave=False, disable=None if progress else True)
+    for sample in bar:
         score = given.get(Path(sample.image_path))
         if pixel or score is None:  # an image-level category with scores.csv needs no maps
             amap = read_map(map_path(maps_dir, sample))
@@ -126,7 +127,7 @@ def evaluate_category_maps(maps_dir: str | Path, dataset: Dataset, category: str
             metrics.update(np.array([score]), np.array([sample.label]), [resize_to(amap, mask.shape)], [mask])
         else:
             metrics.update(np.array([score]), np.array([sample.label]))
-    return CategoryResult(category, metrics.compute(), dict(metrics.tags), [str(s.image_path) for s in samples],
+    return CategoryResult(category, metrics.compute(), [str(s.image_path) for s in samples],
                           [s.label for s in samples], image_scores, seconds=time.perf_counter() - start)
 
 
@@ -141,6 +142,7 @@ def evaluate_anomaly_maps(maps_dir: str | Path, dataset: Dataset, categories: li
     unknown = [c for c in categories if c not in known]
     if unknown:
         raise DataError(f"dataset {dataset.name!r} has no test images for {unknown}; available: {known}")
-    bar = tqdm(categories, desc=f"anomaly maps on {dataset.name}", unit="category", disable=not progress)
+    bar = tqdm(categories, desc=f"anomaly maps on {dataset.name}", unit="category",
+               disable=None if progress else True)
     return EvaluationResult({c: evaluate_category_maps(maps_dir, dataset, c, aupro, fpr_limit, progress)
-                             for c in bar})
+                             for c in bar}, metric_tags(aupro, fpr_limit))

@@ -43,6 +43,12 @@ PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
 MAD_RECIPES = {"image": IMAGE_METRICS, "pixel": PIXEL_METRICS, "all7": METRIC_NAMES}
 AUPRO_VARIANTS = ("exact", "step200")
+# Column titles of every reported value, used by the CLI tables, the leaderboard and the plots.
+METRIC_TITLES = {
+    "image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "mad_image": "mAD-img",
+    "mad_pixel": "mAD-px", "mad_all7": "mAD-all7",
+}
 IMPLEMENTATION_TAGS = {
     "image_auroc": "auroc.exact", "image_ap": "ap.step.exact", "image_f1max": "f1max.exact",
     "pixel_auroc": "auroc.exact", "pixel_ap": "ap.step.exact", "pixel_f1max": "f1max.exact",
@@ -66,6 +72,11 @@ def aupro_tag(variant: str = "exact", fpr_limit: float = 0.3) -> str:
     return f"aupro.{variant}@{fpr_limit:g}"
 
 
+def metric_tags(aupro: str = "exact", fpr_limit: float = 0.3) -> dict[str, str]:
+    """Returns the implementation tag of every reported metric for an AUPRO variant (what a run records once)."""
+    return {**IMPLEMENTATION_TAGS, "pixel_aupro": aupro_tag(aupro, fpr_limit)}
+
+
 def _warn(message: str, where: str | None) -> None:
     warnings.warn(f"{where}: {message}" if where else message, MetricWarning, stacklevel=3)
 
@@ -82,8 +93,13 @@ def _score_dtype(dtype: np.dtype) -> np.dtype:
 def _as_scores(values: object, what: str) -> np.ndarray:
     array = np.asarray(values)
     array = array.astype(_score_dtype(array.dtype), copy=False)
-    if array.dtype.kind == "f" and array.size and np.isnan(array.max()):  # max propagates NaN, with no temporary
-        raise ValueError(f"{what} contain NaN")
+    if array.dtype.kind == "f" and array.size:
+        # max and min propagate NaN and reach +/-inf, with no temporary array
+        highest, lowest = array.max(), array.min()
+        if np.isnan(highest):
+            raise ValueError(f"{what} contain NaN")
+        if np.isinf(highest) or np.isinf(lowest):
+            raise ValueError(f"{what} contain {'+inf' if np.isinf(highest) and highest > 0 else '-inf'}")
     return array
 
 
@@ -154,17 +170,26 @@ def _precision_recall(runs: _PositiveRuns) -> tuple[np.ndarray, np.ndarray]:
     return precision, recall
 
 
+def _one_class(runs: _PositiveRuns, metric: str, where: str | None) -> bool:
+    """Warns and returns True when only one class is present: AP and F1-max are then undefined (as AUROC is).
+
+    Without negatives every threshold has precision 1, so AP = F1-max = 1.0 would be reported for any scores.
+    """
+    if runs.n_pos and runs.n_neg:
+        return False
+    _warn(f"{metric} undefined: {'no positive' if runs.n_neg else 'no negative'} samples", where)
+    return True
+
+
 def _average_precision(runs: _PositiveRuns, where: str | None, level: str = "") -> float:
-    if runs.n_pos == 0:
-        _warn(f"{level}AP undefined: no positive samples", where)
+    if _one_class(runs, f"{level}AP", where):
         return math.nan
     precision, recall = _precision_recall(runs)
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
 def _f1_max(runs: _PositiveRuns, where: str | None, level: str = "") -> float:
-    if runs.n_pos == 0:
-        _warn(f"{level}F1-max undefined: no positive samples", where)
+    if _one_class(runs, f"{level}F1-max", where):
         return math.nan
     # Between two distinct positive scores TP is constant and FP only grows, so the maximum sits at a positive score.
     precision, recall = _precision_recall(runs)
@@ -196,12 +221,12 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Returns step-wise average precision (sklearn's definition); NaN with a warning without positives."""
+    """Returns step-wise average precision (sklearn's definition); NaN with a warning if only one class is present."""
     return _average_precision(_ranking_runs(scores, labels), None)
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Returns the maximum F1 over all distinct thresholds (0/0 counts as 0); NaN with a warning without positives."""
+    """Returns the maximum F1 over all distinct thresholds (0/0 counts as 0); NaN with a warning for one class only."""
     return _f1_max(_ranking_runs(scores, labels), None)
 
 
@@ -526,7 +551,7 @@ class CategoryMetrics:
     @property
     def tags(self) -> dict[str, str]:
         """Returns the implementation tag of every metric that :meth:`compute` reports."""
-        return {**IMPLEMENTATION_TAGS, "pixel_aupro": aupro_tag(self.aupro, self.fpr_limit)}
+        return metric_tags(self.aupro, self.fpr_limit)
 
     @property
     def nbytes(self) -> int:

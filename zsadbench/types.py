@@ -90,3 +90,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, {len(self.categories('test'))} categories, {len(self.split_samples('test'))} "
+                f"test / {len(self.split_samples('train'))} train images, root={str(self.root)!r})")
+
+    def split_samples(self, split: str) -> list[Sample]:
+        """Returns every sample of ``split`` over all categories."""
+        return [s for s in self.samples if s.split == split]
