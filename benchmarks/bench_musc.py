@@ -21,7 +21,8 @@ import statistics
 import time
 
 import torch
-from zsadbench.methods.musc import interval_bounds, mutual_scoring
+
+from zsadbench.mutual_scoring import interval_bounds, mutual_scoring
 
 
 def msm_per_image_cdist(features: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -52,10 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import CheckpointError, check_keys
-from zsadbench.clip.dual_path import forward_dual_path
 from zsadbench.clip.learned_parts import LearnedPartsDetector
 from zsadbench.clip.prompts import LearnablePrompts
-from zsadbench.clip.scoring import patch_probability_maps
+from zsadbench.clip.scoring import harmonic_mean, patch_probability_maps
 from zsadbench.clip.text import compositional_prompts, prompt_ensemble_features
 from zsadbench.data import load_images
 from zsadbench.detector import FewShot
@@ -90,11 +89,6 @@ class AdaptCLIPConfig:
     reference_seed: int = 10  # seed of the per-category prompt draw (the reference reports seeds 10, 20, 30)
     checkpoint: str | None = None  # trained adapters: a zsadbench checkpoint or the authors' epoch_15.pth
     train: TrainConfig = field(default_factory=lambda: TrainConfig(seed=10))
-
-
-def harmonic_mean(*tensors: Tensor) -> Tensor:
-    """Returns the element-wise harmonic mean n / Σ 1/x (0 where an input is 0; NaN or inf: callers clean up)."""
-    return len(tensors) / torch.stack([1.0 / t for t in tensors]).sum(dim=0)
 
 
 # ---- 2. visual adapter -----------------------------------------------------------------------------------------------
@@ -191,10 +185,8 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
     Config = AdaptCLIPConfig
     learned_parts = "adapters"
     # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path
-    regression_variants = {
-        "zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56},
-        "1-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56, "shots": 1},
-    }
+    presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
+    regression_variants = {"zero-shot": presets["smoke"], "1-shot": {**presets["smoke"], "shots": 1}}
 
     def __init__(self, config: AdaptCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
         super().__init__(config, seed=seed, **overrides)
@@ -233,14 +225,7 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
         self.references = {c: [t.to(self.device) for t in m] for c, m in self.references.items()}
         return self
 
-    # ---- 1. visual features (DPAM) -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Returns g (B, E) and the patch features P^(l) (B, 1 + P, E) of every PQA layer, not normalised."""
-        visual, layers = self.clip.visual, tuple(self.config.feature_layers)
-        out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
-                                vv_taps=layers)
-        return out.global_feature, out.patch_features(visual, layers)
+    # ---- 1. visual features (DPAM): LearnedPartsDetector.encode_images gives g and P^(l) of every PQA layer ----------
 
     # ---- text features -----------------------------------------------------------------------------------------------
     def static_text(self) -> Tensor:

@@ -47,10 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.clip.learned_parts import LearnedPartsDetector
 from zsadbench.clip.prompts import ANOMALYCLIP_TEXTS, LearnablePrompts
-from zsadbench.clip.scoring import class_probabilities, patch_probability_maps
+from zsadbench.clip.scoring import class_logits, class_probabilities, patch_probability_maps
 from zsadbench.filters import gaussian_filter
 from zsadbench.losses import binary_dice_loss, focal_loss
 from zsadbench.registry import register_method
@@ -87,8 +86,8 @@ class AnomalyCLIP(LearnedPartsDetector):
     label = "AnomalyCLIP"
     Config = AnomalyCLIPConfig
     # untrained prompts on a tiny seeded backbone: guards the whole inference path (DPAM, prompts, scoring, smoothing)
-    regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",
-                                         "image_size": 56}}
+    presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
+    regression_variants = {"zero-shot": presets["smoke"]}
 
     # ---- learned parts: the prompts of 3. ----------------------------------------------------------------------------
     def build_learnable_parts(self) -> None:
@@ -107,16 +106,7 @@ class AnomalyCLIP(LearnedPartsDetector):
         """Drops the cached text features (the prompts changed, moved or switched to training)."""
         self._text_features = None
 
-    # ---- 2. visual features (DPAM) -----------------------------------------------------------------------------------
-    def encode_images(self, images: Tensor, head_weights: HeadWeightsFn | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Returns global features (B, E) and patch features (B, 1 + P, E) per map layer, not normalised.
-
-        The tower is frozen, so autograd records nothing here unless ``head_weights`` (HeadCLIP) carry gradients.
-        """
-        visual = self.clip.visual
-        out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
-                                vv_taps=tuple(self.config.feature_layers), head_weights=head_weights)
-        return out.global_feature, out.patch_features(visual, self.config.feature_layers)
+    # ---- 2. visual features (DPAM): LearnedPartsDetector.encode_images (global and per-layer patch features) ---------
 
     # ---- 3. text features (object-agnostic prompts) ------------------------------------------------------------------
     def text_features(self) -> Tensor:
@@ -149,7 +139,7 @@ class AnomalyCLIP(LearnedPartsDetector):
         cfg = self.config
         global_features, patch_features = self.encode_images(images)
         text = self.prompt_learner(self.clip)
-        logits = F.normalize(global_features, dim=-1) @ F.normalize(text, dim=-1).T / cfg.temperature
+        logits = class_logits(global_features, text, cfg.temperature)
         image_loss = F.cross_entropy(logits, labels.long())
         focal = dice_abnormal = dice_normal = logits.new_zeros(())
         for features in patch_features:

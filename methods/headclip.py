@@ -98,8 +98,9 @@ class HeadCLIP(AnomalyCLIP):
     label = "HeadCLIP (reconstruction)"
     Config = HeadCLIPConfig
     # untrained prompts, head weights at their identity initialisation: guards the inference path and the joint score
-    regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",
-                                         "image_size": 56}}
+    presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
+    loads_checkpoints_of = ("anomalyclip",)  # its prompts, from zsadbench's own AnomalyCLIP training (heads stay 1)
+    regression_variants = {"zero-shot": presets["smoke"]}
 
     def __init__(self, config: HeadCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
         super().__init__(config, seed=seed, **overrides)

@@ -42,6 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.scoring import class_probabilities, harmonic_mean
 from zsadbench.clip.text import TextFeatureCache, compositional_prompts, prompt_ensemble_features
 from zsadbench.clip.windows import (
     WindowEmbeddings,
@@ -83,8 +84,7 @@ class ReferenceMemory:
 
 def class_probability(embeddings: Tensor, text_features: Tensor, temperature: float) -> Tensor:
     """Returns softmax([cos(e, t_normal), cos(e, t_anomalous)] / temperature)[anomalous] for (..., E) embeddings."""
-    cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return (cosine / temperature).softmax(dim=-1)[..., 1]
+    return class_probabilities(embeddings, text_features, temperature)[..., 1]
 
 
 def association_score(embeddings: Tensor, memory: Tensor) -> Tensor:
@@ -97,21 +97,15 @@ def association_score(embeddings: Tensor, memory: Tensor) -> Tensor:
     return ((1.0 - cosine).amin(dim=-1) / 2.0).clamp_min(0.0)
 
 
-def harmonic_fusion(maps: list[Tensor]) -> Tensor:
-    """Returns the element-wise harmonic mean of equally shaped score maps."""
-    return len(maps) / torch.stack([1.0 / m for m in maps]).sum(dim=0)
-
-
 @register_method("winclip")
 class WinClip(Detector, FewShot):
     """WinCLIP (zero-shot) and WinCLIP+ (k normal reference images per category, ``shots`` > 0)."""
 
     label = "WinCLIP"
     Config = WinClipConfig
-    regression_variants = {  # tiny seeded backbone (12-layer vision tower, 80 px: 5×5 grid) on the fixed benchmark
-        "zero-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80},
-        "1-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80, "shots": 1},
-    }
+    # tiny seeded backbone (12-layer vision tower, 80 px: 5×5 grid)
+    presets = {"smoke": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80}}
+    regression_variants = {"zero-shot": presets["smoke"], "1-shot": {**presets["smoke"], "shots": 1}}
 
     def __init__(self, config: WinClipConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
         super().__init__(config, seed=seed, **overrides)
@@ -207,7 +201,7 @@ class WinClip(Detector, FewShot):
         scale_maps = [image_scores[:, None].expand(batch, height * width)]
         for window_embeddings, incidence in zip(emb.windows, self.incidence):
             scale_maps.append(harmonic_aggregation(class_probability(window_embeddings, text, temperature), incidence))
-        grid_map = harmonic_fusion(scale_maps)
+        grid_map = harmonic_mean(*scale_maps)
 
         if memory is not None:
             assert emb.patch_tokens is not None

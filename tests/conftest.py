@@ -122,7 +122,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         # the server's background job runner (several huey worker processes) is not needed to record runs
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # starting a server takes seconds, minutes on a loaded machine
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:

@@ -257,7 +257,7 @@ def test_train_then_run_records_the_reconstruction(isolated_results: Path, mlflo
     assert "HeadCLIP (reconstruction)" in capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["zsadbench"])
     run = runs[runs["tags.zsadbench.kind"] == "evaluation"].iloc[0]
-    assert run["tags.zsadbench.method_label"] == "HeadCLIP (reconstruction)"
+    assert run["params.method_label"] == "HeadCLIP (reconstruction)"
     assert run["params.config.jas.alpha"] == "0.5" and run["params.config.jas.aggregate"] == "topk_mean"
     assert run["params.mad_recipe.image"] == "mean(image_auroc, image_ap, image_f1max)"
     assert run["params.mad_recipe.pixel"] == "mean(pixel_auroc, pixel_ap, pixel_f1max, pixel_aupro)"

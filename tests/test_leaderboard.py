@@ -15,9 +15,9 @@ from PIL import Image
 
 from zsadbench.cli import main
 from zsadbench.evaluation import EvalOptions
+from zsadbench.jobs import RunSpec, run
 from zsadbench.report import build_leaderboard, write_leaderboard
 from zsadbench.reported import COLUMNS
-from zsadbench.runner import RunSpec, run
 
 SMALL = {"image_size": "48", "n_train": "3", "n_test_normal": "4", "n_test_anomalous": "4",
          "categories": "carpet,tile,brain"}  # the same benchmark as conftest.SMALL_SYNTHETIC
@@ -32,7 +32,7 @@ test-colour,synthetic,mean,image_auroc,95.0,auroc,1,,,paper,Imaginary et al. 202
 def record(method: str, uri: str | None = None, experiment: str = "zsadbench", **overrides: str) -> str:
     spec = RunSpec(method=method, dataset="synthetic", dataset_options=dict(SMALL), overrides=overrides,
                    experiment=experiment, eval=EvalOptions(overlays=0))  # overlay PNGs only cost time here
-    run_id, _ = run(spec, tracking_uri=uri, progress=False)
+    run_id = run(spec, tracking_uri=uri, progress=False).run_id
     return run_id
 
 

@@ -10,19 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from zsadbench.methods.musc import (
-    MuSc,
-    SetTooSmallError,
-    aggregate_neighbourhood,
-    divide,
-    interval_bounds,
-    layer_norm_grid,
-    mutual_scoring,
-    rscin,
-    rscin_windows,
-)
+from zsadbench.methods.musc import MuSc, aggregate_neighbourhood, divide, layer_norm_grid, rscin, rscin_windows
 
 from zsadbench.detector import ImageSet
+from zsadbench.mutual_scoring import SetTooSmallError, interval_bounds, mutual_scoring
 from zsadbench.types import Sample
 
 TINY = {"model": "tiny-ViT-L-14-336", "pretrained": "random", "image_size": 56}  # real depth (24), width 64, 4x4

@@ -112,5 +112,10 @@ def test_list_commands(capsys, test_methods) -> None:
     names = [line.split()[0] for line in listed]
     assert {"mvtec", "visa", "meta", "synthetic", "btad", "mpdd"} <= set(names)
     assert main(["methods"]) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert "transductive" in lines["test-mutual"] and "few-shot" in lines["test-colour"]
+    assert "smoke" in lines["musc"] and "smoke" in lines["winclip"]  # the presets are listed
+    assert main(["methods", "winclip"]) == 0
+    described = capsys.readouterr().out
+    assert "temperature" in described and "0.07" in described and "reference temperature" in described
+    assert "preset smoke: model=tiny-ViT-B-16-plus-240" in described

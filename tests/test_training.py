@@ -60,7 +60,7 @@ def test_train_then_run(isolated_results: Path, mlflow_store: Path, capsys: pyte
     assert status == 0
     assert "bottle" in capsys.readouterr().out
     evaluation = training_runs(isolated_results).query("`tags.zsadbench.kind` == 'evaluation'").iloc[0]
-    assert evaluation["params.prompts"].startswith("sha256:")
+    assert evaluation["params.detector.prompts"].startswith("sha256:")
 
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(isolated_results: Path, mlflow_store: Path,
@@ -97,7 +97,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(isolated_results:
 
 def test_train_errors(capsys: pytest.CaptureFixture[str], isolated_results: Path, mlflow_store: Path) -> None:
     assert main(["train", "--method", "winclip", *DATA]) == 2
-    assert "not trainable" in capsys.readouterr().err
+    assert "winclip' has no learned parts to train" in capsys.readouterr().err
     assert main(["train", "--resume", "nope"]) == 2
     assert "cannot resume training 'nope'" in capsys.readouterr().err
     assert main(["train", "--method", "anomalyclip", *DATA, *TINY, "--set", "train.split=train",

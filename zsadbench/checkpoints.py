@@ -21,23 +21,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_torch_file(path, "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).strip().splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
 
 
-def unwrap_checkpoint(checkpoint: dict[str, Any], method: str, path: str | Path) -> dict[str, Any]:
+def check_torch_file(path: Path, what: str) -> None:
+    """Raises a one-line error unless ``path`` starts like a file of ``torch.save`` (a zip archive or a pickle)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{what} {path} is not a PyTorch file (expected what torch.save writes: .pt / .pth)")
+
+
+def unwrap_checkpoint(checkpoint: dict[str, Any], method: str, path: str | Path,
+                      accepted: tuple[str, ...] = ()) -> dict[str, Any]:
     """Returns the learnable state held by a checkpoint: a zsadbench file's ``state_dict``, else the dict itself.
 
-    A zsadbench checkpoint (``format`` = ``zsadbench-checkpoint``) written by another method is an error naming both.
+    A zsadbench checkpoint (``format`` = ``zsadbench-checkpoint``) written by another method than ``method`` or the
+    ``accepted`` ones is an error naming both.
     """
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         return checkpoint
-    if checkpoint.get("method") != method:
+    if checkpoint.get("method") not in (method, *accepted):
         raise CheckpointError(f"checkpoint {path} was written by method {checkpoint.get('method')!r}; it cannot be "
                               f"loaded into {method!r}")
     state = checkpoint.get("state_dict")

@@ -1,48 +1,185 @@
-"""The ``zsadbench`` command line: a thin layer over the Python API (each subcommand calls one function)."""
+"""The ``zsadbench`` command line: a thin layer over the Python API (each subcommand calls one function).
+
+It answers ``--help``, ``--version`` and usage errors without importing torch, open_clip or mlflow: every heavy
+import happens inside the handler of the command that needs it. Usage errors exit with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from zsadbench import __version__
 from zsadbench.config import ConfigError, parse_assignments
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(ValueError):
+    """The command line (or its --config file) asks for something that cannot be done; exit status 2."""
 
 
 def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def add_common_method_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the options every command that builds a method shares (--set, --pretrained, --device, --seed, ...)."""
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ method options
+
+def add_method_options(parser: argparse.ArgumentParser, *, with_method: bool = True) -> None:
+    """Adds the options every command that builds a method shares (--method, --preset, --set, --pretrained, ...)."""
+    if with_method:
+        parser.add_argument("--method", required=True, help="registered method name (see `zsadbench methods`)")
+    parser.add_argument("--preset", help="a named configuration of the method, e.g. 'smoke' (tiny and fast; see "
+                                         "`zsadbench methods METHOD`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a method config field (dotted keys for groups), repeatable")
     parser.add_argument("--pretrained", help="weights: an open_clip tag, a local state-dict file, or 'random'")
     parser.add_argument("--checkpoint", help="a trained checkpoint of the method (zsadbench's or the authors')")
-    parser.add_argument("--shots", type=int, help="few-shot: k normal reference images per category")
+    parser.add_argument("--shots", type=_non_negative_int, help="few-shot: k normal reference images per category")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--config", metavar="TOML", help="options from a TOML file (command-line options win); "
+                                                         "`--print-config` writes one")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the method's fully resolved config as TOML (for --config) and exit")
 
 
 def add_job_options(parser: argparse.ArgumentParser, what: str) -> None:
     """Adds what `run` and `train` share: method, dataset, method options, MLflow and --resume."""
-    parser.add_argument("--method", help="registered method name (see `zsadbench methods`)")
-    parser.add_argument("--dataset", help="registered dataset name (see `zsadbench datasets`)")
+    required = parser.add_argument_group("required (unless --resume)")
+    required.add_argument("--method", help="registered method name (see `zsadbench methods`)")
+    required.add_argument("--dataset", help="registered dataset name (see `zsadbench datasets`)")
     parser.add_argument("--data-root", help="the dataset's folder (not needed for `synthetic`)")
     parser.add_argument("--categories", type=_csv_list, help="comma-separated subset of categories (default: all)")
     parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a loader option, e.g. image_size=64 for the synthetic benchmark; repeatable")
-    add_common_method_options(parser)
+    add_method_options(parser, with_method=False)
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or results/mlflow.db)")
     parser.add_argument("--experiment", default="zsadbench", help="MLflow experiment name (default: zsadbench)")
     parser.add_argument("--run-name", help="MLflow run name")
-    parser.add_argument("--resume", metavar="RUN_ID",
-                        help=f"resume an interrupted {what} (its original options are used)")
+    parser.add_argument("--resume", metavar="RUN",
+                        help=f"resume an interrupted {what}: its run id, or the path of its folder (its original "
+                             "options are used)")
+
+
+def method_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Returns the method config overrides: preset < --config's [config] < --pretrained/--checkpoint/--shots < --set.
+
+    An option the method does not have is a usage error that says so in the method's terms.
+    """
+    from zsadbench.registry import get_method
+
+    cls = get_method(args.method)
+    overrides: dict[str, Any] = {}
+    if args.preset:
+        if args.preset not in cls.presets:
+            raise UsageError(f"{args.method} has no preset {args.preset!r}; presets: "
+                             f"{', '.join(cls.presets) or 'none'}")
+        overrides |= cls.presets[args.preset]
+    overrides |= getattr(args, "config_overrides", {})
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    shortcuts = {"pretrained": f"{args.method} loads no pretrained weights",
+                 "checkpoint": f"{args.method} has no learned parts to load a checkpoint into",
+                 "shots": f"{args.method} is not a few-shot method"}
+    for name, refusal in shortcuts.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name not in fields:
+            raise UsageError(f"{refusal} (--{name})")
+        overrides[name] = str(value)
+    return {**overrides, **parse_assignments(args.set)}
+
+
+def _load_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parses ``argv``; with --config, the file's options become defaults the command line overrides."""
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        parser.error(f"--config {path}: no such file")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {path}: not a TOML file ({exc})")
+    config = data.pop("config", {})
+    sub = _subparser(parser, args.command)
+    known = {a.dest for a in sub._actions}
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(k for k in values if k not in known or k in ("config", "print_config", "help"))
+    if unknown:
+        parser.error(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for "
+                     f"`zsadbench {args.command}`")
+    if isinstance(values.get("categories"), str):
+        values["categories"] = _csv_list(values["categories"])
+    sub.set_defaults(**values)
+    args = parser.parse_args(argv)
+    args.config_overrides = _flatten_table(config)
+    return args
+
+
+def _flatten_table(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= _flatten_table(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """Prints the resolved method config (defaults included) as TOML that --config reads back."""
+    import tomli_w
+
+    from zsadbench.config import apply_overrides, to_dict
+    from zsadbench.registry import get_method
+
+    config = apply_overrides(get_method(args.method).Config(), method_overrides(args))
+
+    def drop_none(d: dict[str, Any]) -> dict[str, Any]:  # TOML has no null: a left-out key keeps its default None
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    print(f"# zsadbench {__version__}: resolved config of {args.method}; use with --config FILE")
+    print(tomli_w.dumps({"method": args.method, "config": drop_none(to_dict(config))}), end="")
+    return 0
 
 
 def job_fields(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
@@ -50,29 +187,22 @@ def job_fields(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
     if args.resume is not None:
         return None
     if not args.method or not args.dataset:
-        raise SystemExit(f"zsadbench {command}: --method and --dataset are required (or --resume RUN_ID)")
+        raise UsageError("--method and --dataset are required (or --resume RUN)")
     return dict(method=args.method, dataset=args.dataset, data_root=args.data_root, categories=args.categories,
                 overrides=method_overrides(args), dataset_options=parse_assignments(args.dataset_option),
                 seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name)
 
 
-def method_overrides(args: argparse.Namespace) -> dict[str, str]:
-    """Returns the config overrides from --set plus the --pretrained/--checkpoint/--shots shortcuts."""
-    overrides = parse_assignments(args.set)
-    for name in ("pretrained", "checkpoint", "shots"):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = str(value)
-    return overrides
-
+# ------------------------------------------------------------------------------------------------------ commands
 
 def _add_run(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("run", help="evaluate a method on a dataset and record an MLflow run",
                        description="Evaluate a method on a dataset; prints a per-category table, writes "
                                    "results/runs/<run-id>/ and records one MLflow run.")
     add_job_options(p, "run")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--num-workers", type=_non_negative_int, default=0,
+                   help="image-decoding worker processes (default: 0)")
     p.add_argument("--eval-resolution", choices=("input", "native"), default="input",
                    help="compare maps and masks at the method's input size (papers) or each image's native size")
     p.add_argument("--mask-resize", choices=("bilinear", "nearest", "bilinear-strict", "bilinear-any"),
@@ -85,28 +215,117 @@ def _add_run(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON to FILE")
 
     def handle(args: argparse.Namespace) -> int:
-        from zsadbench.evaluation import EvalOptions
-        from zsadbench.runner import RunSpec, format_table, run
-
+        if args.print_config:
+            return print_config(args)
         fields = job_fields(args, "run")
+        from zsadbench.evaluation import EvalOptions
+        from zsadbench.jobs import RunSpec, run
+
         spec = None
         if fields is not None:
             spec = RunSpec(**fields, eval=EvalOptions(
                 batch_size=args.batch_size, num_workers=args.num_workers, resolution=args.eval_resolution,
                 mask_resize=args.mask_resize, aupro=args.aupro, skip_bad=args.skip_bad))
-        run_id, result = run(spec, resume=args.resume, tracking_uri=args.tracking_uri, json_path=args.json_path)
-        from zsadbench.jobs import read_state
-        from zsadbench.paths import results_dir
-        from zsadbench.registry import get_method
-
-        stored = read_state("runs", run_id)[1]
-        print(f"{get_method(stored['method']).display_name()} on {stored['dataset']}")
-        print(format_table(result))
-
-        print(f"\nrun {run_id}: results in {results_dir() / 'runs' / run_id}")
+        outcome = run(spec, resume=args.resume, tracking_uri=args.tracking_uri, json_path=args.json_path)
+        print(f"{outcome.method_label} on {outcome.dataset} (values in percent)")
+        print(outcome.result.format())
+        print(f"\nrun {outcome.run_id}: results in {outcome.folder}")
+        for note in outcome.notes:
+            print(note)
+        if outcome.sync_hint:
+            print(outcome.sync_hint)
         return 0
 
     return handle
+
+
+def _add_train(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("train", help="train a method's learnable parts on an auxiliary dataset (MLflow run)",
+                       description="Train a trainable method (AnomalyCLIP, AdaptCLIP, HeadCLIP) on an auxiliary "
+                                   "dataset's test split, as the papers do; writes a checkpoint each epoch to "
+                                   "results/training/<run-id>/ and records one MLflow run. Evaluate with "
+                                   "`zsadbench run --method M --checkpoint results/training/<run-id>/epoch_K.pth`.")
+    add_job_options(p, "training")
+    p.add_argument("--epochs", type=_positive_int, help="training epochs (default: the method's, 15 for AnomalyCLIP)")
+    p.add_argument("--batch-size", type=_positive_int, help="images per optimiser step (default: the method's, 8)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's, 1e-3)")
+
+    def handle(args: argparse.Namespace) -> int:
+        if args.print_config:
+            return print_config(args)
+        fields = job_fields(args, "train")
+        from zsadbench.jobs import TrainSpec, train
+
+        spec = None
+        if fields is not None:
+            for key, value in (("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
+                               ("train.lr", args.lr)):
+                if value is not None:
+                    fields["overrides"][key] = str(value)
+            spec = TrainSpec(**fields)
+        outcome = train(spec, resume=args.resume, tracking_uri=args.tracking_uri)
+        result = outcome.result
+        for epoch, losses in enumerate(result.epoch_losses, start=result.first_epoch):
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        print(f"\ntraining {outcome.run_id}: checkpoints in {outcome.folder}")
+        if outcome.evaluate_hint:
+            print(f"evaluate with: {outcome.evaluate_hint}")
+        if outcome.sync_hint:
+            print(outcome.sync_hint)
+        return 0
+
+    return handle
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("predict", help="anomaly maps, scores and overlays for any images (no dataset layout)",
+                       description="Score arbitrary images with a method: writes OUT/scores.csv, OUT/maps/<name>.tiff "
+                                   "(float32 anomaly maps at the method's input size) and OUT/overlays/<name>.png.")
+    add_method_options(p)
+    p.add_argument("--images", nargs="+", required=True, metavar="DIR|FILE", help="image files and/or folders")
+    p.add_argument("--out", required=True, metavar="OUT", help="output folder (created)")
+    p.add_argument("--shots-dir", "--references", dest="shots_dir", metavar="DIR",
+                   help="few-shot methods: a folder of normal reference images (all are used)")
+    p.add_argument("--category", default="object",
+                   help="the object's class word for text prompts (default: 'object')")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+
+    def handle(args: argparse.Namespace) -> int:
+        if args.shots_dir and args.shots is None:
+            args.shots = len(_image_files([args.shots_dir]))
+        if args.print_config:
+            return print_config(args)
+        overrides = method_overrides(args)
+        images = _image_files(args.images)
+        references = _image_files([args.shots_dir]) if args.shots_dir else []
+        from zsadbench.jobs import predict
+
+        written = predict(args.method, images, args.out, overrides=overrides, references=references,
+                          category=args.category, device=args.device, seed=args.seed, batch_size=args.batch_size)
+        print(written.table)
+        print(f"\n{len(images)} images scored: {written.folder}/scores.csv, maps/ and overlays/")
+        return 0
+
+    return handle
+
+
+def _image_files(items: list[str]) -> list[Path]:
+    """Returns the image files named or contained (not recursively) in ``items``; names any that is neither."""
+    from zsadbench.data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    return files
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> Handler:
@@ -125,83 +344,75 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the metrics as JSON to FILE")
 
     def handle(args: argparse.Namespace) -> int:
+        import json
+
         import zsadbench
         from zsadbench.evaluate_maps import SETTINGS, evaluate_anomaly_maps
-        from zsadbench.runner import format_table, write_json
 
         dataset = zsadbench.load_dataset(args.dataset, args.data_root, **parse_assignments(args.dataset_option))
         result = evaluate_anomaly_maps(args.anomaly_maps, dataset, args.categories, aupro=args.aupro)
-        print(format_table(result))
+        print(result.format())
         if args.json_path:
-            write_json(result, args.json_path, {"settings": SETTINGS})
+            Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_path).write_text(json.dumps({**result.to_json(), "settings": SETTINGS}, indent=2))
             print(f"\nmetrics written to {args.json_path}")
         return 0
 
     return handle
 
 
-def _add_train(sub: argparse._SubParsersAction) -> Handler:
-    p = sub.add_parser("train", help="train a method's learnable parts on an auxiliary dataset (MLflow run)",
-                       description="Train a trainable method (AnomalyCLIP, AdaptCLIP, HeadCLIP) on an auxiliary "
-                                   "dataset's test split, as the papers do; writes a checkpoint each epoch to "
-                                   "results/training/<run-id>/ and records one MLflow run. Evaluate with "
-                                   "`zsadbench run --method M --checkpoint results/training/<run-id>/epoch_K.pth`.")
-    add_job_options(p, "training")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the method's, 15 for AnomalyCLIP)")
-    p.add_argument("--batch-size", type=int, help="images per optimiser step (default: the method's, 8)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the method's, 1e-3)")
-
-    def handle(args: argparse.Namespace) -> int:
-        from zsadbench.paths import results_dir
-        from zsadbench.training import TrainSpec, train, with_train_overrides
-
-        fields = job_fields(args, "train")
-        spec = None
-        if fields is not None:
-            fields["overrides"] = with_train_overrides(fields["overrides"], args.epochs, args.batch_size, args.lr)
-            spec = TrainSpec(**fields)
-        run_id, result = train(spec, resume=args.resume, tracking_uri=args.tracking_uri)
-        for epoch, losses in enumerate(result.epoch_losses, start=result.first_epoch):
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        folder = results_dir() / "training" / run_id
-        print(f"\ntraining {run_id}: checkpoints in {folder}")
-        if result.last_checkpoint is not None:
-            import shlex
-
-            from zsadbench.jobs import read_state
-
-            # the model options of the training (backbone, weights, size) must be given again; train.* are not needed
-            model_options = {k: v for k, v in read_state("training", run_id)[1]["overrides"].items()
-                             if not k.startswith("train.") and k != "checkpoint"}
-            options = "".join(f" --pretrained {shlex.quote(v)}" if k == "pretrained"
-                              else f" --set {shlex.quote(f'{k}={v}')}" for k, v in model_options.items())
-            print(f"evaluate with: zsadbench run --method {result.method} --checkpoint {result.last_checkpoint}"
-                  f"{options} --dataset <dataset> ...")
-        return 0
-
-    return handle
-
-
 def _add_methods(sub: argparse._SubParsersAction) -> Handler:
-    sub.add_parser("methods", help="list registered methods")
+    p = sub.add_parser("methods", help="list registered methods, or one method's options and presets",
+                       description="Without a name: every registered method with its kind and presets. With a name: "
+                                   "its options (defaults and meaning) and presets.")
+    p.add_argument("name", nargs="?", help="a method name: list its options")
 
     def handle(args: argparse.Namespace) -> int:
-        from zsadbench.registry import list_methods
+        from zsadbench.registry import get_method, list_methods
 
-        for name, cls in list_methods().items():
-            kinds = [k for k, flag in (("transductive", cls.transductive),
-                                       ("trainable", _is(cls, "Trainable")), ("few-shot", _is(cls, "FewShot"))) if flag]
-            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"{name:14s} {cls.display_name():28s} {', '.join(kinds) or 'inductive':28s} {summary}")
+        if args.name:
+            print(describe_method(get_method(args.name)))
+            return 0
+        rows = [(name, cls.display_name(), method_kinds(cls), ", ".join(cls.presets) or "-",
+                 (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
+                for name, cls in list_methods().items()]
+        print(_text_table(["method", "label", "kind", "presets", "summary"], rows))
+        print("\n`zsadbench methods NAME` lists a method's options; `--preset smoke` runs its tiny configuration.")
         return 0
 
     return handle
 
 
-def _is(cls: type, base: str) -> bool:
+def method_kinds(cls: type) -> str:
+    """Returns what kind of method ``cls`` is: inductive, transductive, trainable, few-shot (comma-separated)."""
     import zsadbench.detector as detector
 
-    return issubclass(cls, getattr(detector, base))
+    kinds = [k for k, flag in (("transductive", cls.transductive),  # type: ignore[attr-defined]
+                               ("trainable", issubclass(cls, detector.Trainable)),
+                               ("few-shot", issubclass(cls, detector.FewShot))) if flag]
+    return ", ".join(kinds) or "inductive"
+
+
+def describe_method(cls: Any) -> str:
+    """Returns a method's description: label, kind, presets and every option with its default and meaning."""
+    from zsadbench.config import describe_options
+
+    lines = [f"{cls.name}: {cls.display_name()} ({method_kinds(cls)})"]
+    if cls.__doc__:
+        lines.append(cls.__doc__.strip().splitlines()[0])
+    lines.append("")
+    rows = [(name, repr(default), meaning) for name, default, meaning in describe_options(cls.Config)]
+    lines.append(_text_table(["option (--set KEY=VALUE)", "default", "meaning"], rows))
+    for preset, overrides in cls.presets.items():
+        lines.append(f"\npreset {preset}: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
+    return "\n".join(lines)
+
+
+def _text_table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    widths[-1] = 0  # the last column is not padded
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * len(h) for h in header]), *(line(r) for r in rows)])
 
 
 def _add_datasets(sub: argparse._SubParsersAction) -> Handler:
@@ -210,8 +421,8 @@ def _add_datasets(sub: argparse._SubParsersAction) -> Handler:
     def handle(args: argparse.Namespace) -> int:
         from zsadbench.registry import list_datasets
 
-        for name, info in list_datasets().items():
-            print(f"{name:11s} {info.domain:11s} {info.description}")
+        rows = [(name, info.domain, info.description) for name, info in list_datasets().items()]
+        print(_text_table(["dataset", "domain", "description"], rows))
         return 0
 
     return handle
@@ -230,18 +441,23 @@ def _add_leaderboard(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--out", help="output folder (default: results/leaderboard)")
     p.add_argument("--reported", metavar="CSV",
                    help="paper-reported numbers (default: results/paper_reported.csv)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    p.add_argument("--bootstrap", type=_non_negative_int, default=1000, metavar="N",
                    help="bootstrap replicates for intervals and paired tests; 0 skips them (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--include-random", action="store_true",
+                   help="rank runs with random weights too (left out of the tables by default: chance-level)")
 
     def handle(args: argparse.Namespace) -> int:
         from zsadbench.report import leaderboard
 
         datasets = [d for group in args.datasets for d in group] if args.datasets else None
         board, written = leaderboard(args.experiment, args.tracking_uri, datasets, args.out,
-                                     reported=args.reported, replicates=args.bootstrap, seed=args.seed)
+                                     reported=args.reported, replicates=args.bootstrap, seed=args.seed,
+                                     include_random=args.include_random)
         for dataset in board.datasets:
             print(f"{dataset.key}: {len(dataset.rows)} rows ({', '.join(r.label for r in dataset.rows)})")
+        if board.random_runs:
+            print(f"{board.random_runs} runs with random weights left out (--include-random ranks them)")
         print(f"wrote {written['markdown']}, {written['html'].name}, {written['csv'].name} and "
               f"{len(written) - 3} plots in {written['markdown'].parent / 'plots'}")
         return 0
@@ -271,15 +487,34 @@ def _add_check(sub: argparse._SubParsersAction) -> Handler:
     return handle
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_run, _add_evaluate, _add_train, _add_methods,
-                                                                   _add_datasets, _add_leaderboard, _add_check]
+def _add_sync(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("sync", help="copy a run's results folder into MLflow (after the server was unreachable)",
+                       description="Copy a run or training folder (parameters, metrics, status, artifacts) into "
+                                   "MLflow: for jobs that went on while the tracking server was unreachable.")
+    p.add_argument("run", metavar="RUN", help="a run id of the results folder, or the path of a run's folder")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used)")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.jobs import sync
+
+        run_id = sync(args.run, args.tracking_uri)
+        print(f"run {run_id} synced to MLflow")
+        return 0
+
+    return handle
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [
+    _add_run, _add_train, _add_predict, _add_evaluate, _add_methods, _add_datasets, _add_leaderboard, _add_check,
+    _add_sync]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     """Returns the argument parser and the handler of each subcommand."""
     parser = argparse.ArgumentParser(prog="zsadbench", description="Benchmark harness for zero-shot anomaly detection")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"zsadbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
     for add in COMMANDS:
         before = set(sub.choices)
@@ -289,26 +524,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+def _one_line_warnings(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zsadbench`` console script; returns the exit status."""
     parser, handlers = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _load_config_file(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    from zsadbench.checkpoints import CheckpointError
-    from zsadbench.data import DataError
-
+    for chatty in ("alembic", "mlflow", "urllib3", "httpx", "huggingface_hub"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if not args.verbose:
+        warnings.formatwarning = _one_line_warnings
     try:
         return handlers[args.command](args)
-    except (DataError, ConfigError, CheckpointError, KeyError, ValueError, FileNotFoundError) as exc:
-        if args.verbose:
-            raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"zsadbench {args.command}: error: {message}", file=sys.stderr)
+    except (UsageError, ConfigError) as exc:
+        print(f"zsadbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose or not _is_user_error(exc):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"zsadbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Returns whether ``exc`` is one of zsadbench's one-line errors about the user's input (no traceback)."""
+    from zsadbench.tracking import TrackingError
+
+    errors: tuple[type[Exception], ...] = (KeyError, ValueError, FileNotFoundError, TrackingError)
+    if "zsadbench.checkpoints" in sys.modules:
+        errors += (sys.modules["zsadbench.checkpoints"].CheckpointError,)
+    return isinstance(exc, errors)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,57 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     walk(data, "")
     return apply_overrides(cls(), flat)
 
+
+
+def describe_options(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Returns (dotted name, default, meaning) of every option of config dataclass ``cls``, groups flattened.
+
+    The meaning is the field's comment in the source (on its line, or the comment lines right above it), so that
+    the config's own comments are the documentation `zsadbench methods NAME` prints.
+    """
+    comments = _field_comments(cls)
+    out: list[tuple[str, Any, str]] = []
+    default = cls()
+    for f in dataclasses.fields(default):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            out += describe_options(type(value), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, list(value) if isinstance(value, tuple) else value, comments.get(f.name, "")))
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Returns the source comment of each annotated field of ``cls`` (trailing, else the block right above)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    trailing: dict[int, str] = {}
+    try:
+        for token in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
+            if token.type == tokenize.COMMENT:
+                trailing[token.start[0] - 1] = token.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    out: dict[str, str] = {}
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        name, colon, _ = stripped.partition(":")
+        if not colon or not name.isidentifier() or stripped.startswith(("def ", "class ", "#")):
+            continue
+        if i in trailing and not stripped.startswith("#"):
+            out[name] = trailing[i]
+            continue
+        above: list[str] = []
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#"):
+            above.insert(0, lines[j].strip().lstrip("#").strip())
+            j -= 1
+        if above:
+            out[name] = " ".join(above)
+    return out

@@ -12,6 +12,7 @@ or ``zsadbench.datasets`` whose object is a :class:`~zsadbench.detector.Detector
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,18 @@ class DatasetInfo:
     description: str = ""
     layout: str = ""  # the expected folder layout, quoted in errors about a wrong data root
     needs_root: bool = True
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raises a ValueError naming any option the loader does not take (before anything is read or generated)."""
+        parameters = inspect.signature(self.loader).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return
+        accepted = [name for name, p in list(parameters.items())[1:]  # the first is the root folder
+                    if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        unknown = [key for key in options if key not in accepted]
+        if unknown:
+            raise ValueError(f"dataset {self.name!r} has no option {', '.join(map(repr, unknown))} "
+                             f"(--dataset-option); its options: {', '.join(accepted) or 'none'}")
 
     def load(self, root: str | Path | None, **options: Any) -> Dataset:
         """Returns the dataset read from ``root``."""

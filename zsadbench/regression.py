@@ -106,8 +106,8 @@ def observe(method: str, overrides: dict[str, Any], benchmark: dict[str, Any] | 
 
     from zsadbench.datasets.synthetic import load_synthetic
     from zsadbench.evaluation import EvalOptions, evaluate
-    from zsadbench.jobs import seed_everything
     from zsadbench.registry import get_method
+    from zsadbench.seeding import seed_everything
 
     benchmark = dict(BENCHMARK if benchmark is None else benchmark)
     dataset = load_synthetic(None, **benchmark)

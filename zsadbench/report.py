@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import re
@@ -26,24 +25,19 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from zsadbench import plots
-from zsadbench.metrics import IMAGE_METRICS, MAD_RECIPES, MetricWarning
+from zsadbench.metrics import IMAGE_METRICS, MAD_RECIPES, METRIC_TITLES, MetricWarning
 from zsadbench.paths import results_dir
 from zsadbench.render import Block, Details, Figure, Heading, Table, Text, anchor, to_html, to_markdown
 from zsadbench.reported import COMPARABLE, METHOD_NOTES, default_path, load_reported, matching, measured_variant
 from zsadbench.reported import comparability as compare_variants
 from zsadbench.runs import RunRecord, Selection, fetch_artifact, load_runs, select_runs
-from zsadbench.tracking import tracking_uri
+from zsadbench.tracking import redact, tracking_uri
 from zsadbench.uncertainty import DEFAULT_REPLICATES, Interval, PairedTest, bootstrap_intervals, paired_test
 
 log = logging.getLogger(__name__)
 
-METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
-           "mad_image", "mad_pixel", "mad_all7")
-TITLES = {
-    "image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
-    "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "mad_image": "mAD-img",
-    "mad_pixel": "mAD-px", "mad_all7": "mAD-all7",
-}
+METRICS = tuple(METRIC_TITLES)
+TITLES = METRIC_TITLES
 HEATMAP_METRICS = ("image_auroc", "pixel_aupro")
 PAIRED_METRIC = "image_auroc"
 SOURCE_ORDER = {"code-release": 0, "reproduction": 1, "paper": 2, "secondary": 3}  # the reference code's first
@@ -120,6 +114,7 @@ class Leaderboard:
     level: float
     reported_source: str
     reported_rows: int
+    random_runs: int = 0  # runs with random weights, left out unless include_random
     generated: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def table(self) -> pd.DataFrame:
@@ -183,35 +178,35 @@ def _is_default_backbone(record: RunRecord) -> bool:
     return not ("image_size" in defaults and str(defaults["image_size"]) != _size(record))
 
 
-def _read_scores(record: RunRecord, folder: Path, uri: str) -> tuple[pd.DataFrame | None, dict[str, str]]:
-    scores = None
+def _read_scores(record: RunRecord, folder: Path, uri: str) -> pd.DataFrame | None:
     path = fetch_artifact(record, "scores.csv", folder, uri)
-    if path is not None:
-        scores = pd.read_csv(path, dtype={"category": str, "image": str})
-    tags: dict[str, str] = {}
-    path = fetch_artifact(record, "results.json", folder, uri)
-    if path is not None:
-        per_category = json.loads(path.read_text()).get("tags", {})
-        for category_tags in per_category.values():
-            for metric, tag in category_tags.items():
-                tags.setdefault(metric, tag)
-    return scores, tags
+    return None if path is None else pd.read_csv(path, dtype={"category": str, "image": str})
 
 
 def build_leaderboard(experiment: str = "zsadbench", uri: str | None = None, datasets: list[str] | None = None,
                       reported: str | Path | None = None, replicates: int = DEFAULT_REPLICATES, seed: int = 0,
-                      level: float = 0.95, progress: bool = True) -> Leaderboard:
-    """Returns the leaderboard of an MLflow experiment's evaluation runs (``replicates=0`` skips the bootstrap)."""
+                      level: float = 0.95, progress: bool = True, include_random: bool = False) -> Leaderboard:
+    """Returns the leaderboard of an MLflow experiment's evaluation runs (``replicates=0`` skips the bootstrap).
+
+    Runs with random weights measure nothing about a method: they are left out unless ``include_random``, and then
+    marked in their row's label.
+    """
     resolved = tracking_uri(uri)
     records = load_runs(experiment, resolved)
     if not records:
         raise ValueError(f"MLflow experiment {experiment!r} at {resolved} has no evaluation runs")
+    random_runs = sum(r.random_weights for r in records)
+    if not include_random:
+        records = [r for r in records if not r.random_weights]
+        if not records:
+            raise ValueError(f"MLflow experiment {experiment!r} at {resolved} has only runs with random weights "
+                             f"({random_runs}); --include-random ranks them")
     selected = select_runs(records, datasets)
     table = load_reported(reported)
     source = str(reported) if reported is not None else str(default_path() or "none found")
     boards: list[DatasetBoard] = []
     total = sum(len(s) for s in selected.values())
-    bar = tqdm(total=total, desc="runs", unit="run", disable=not progress)
+    bar = tqdm(total=total, desc="runs", unit="run", disable=None if progress else True)
     with tempfile.TemporaryDirectory(prefix="zsadbench-leaderboard-") as tmp:
         for key, selections in selected.items():
             categories = sorted({c for s in selections for c in s.record.categories})
@@ -220,7 +215,8 @@ def build_leaderboard(experiment: str = "zsadbench", uri: str | None = None, dat
                 record = selection.record
                 bar.set_postfix_str(f"{record.dataset}: {record.method}")
                 row = Row(selection)
-                row.scores, row.implementation_tags = _read_scores(record, Path(tmp), resolved)
+                row.scores = _read_scores(record, Path(tmp), resolved)
+                row.implementation_tags = record.metric_tags
                 if row.scores is not None and replicates > 0:
                     try:
                         row.intervals = bootstrap_intervals(row.scores, IMAGE_METRICS, replicates, level, seed)
@@ -231,7 +227,8 @@ def build_leaderboard(experiment: str = "zsadbench", uri: str | None = None, dat
                                         record.image_size, _is_default_backbone(record))
                 rows.append(row)
                 bar.update()
-            labels = [f"{r.record.method_label} · {setup_text(r.record, categories)}".rstrip(" ·") for r in rows]
+            labels = [f"{r.record.method_label}{' (random weights)' if r.record.random_weights else ''} · "
+                      f"{setup_text(r.record, categories)}".rstrip(" ·") for r in rows]
             seen: dict[str, int] = {}
             for row, label in zip(rows, labels):
                 seen[label] = seen.get(label, 0) + 1
@@ -242,7 +239,8 @@ def build_leaderboard(experiment: str = "zsadbench", uri: str | None = None, dat
                 board.paired = _paired(rows, replicates, level, seed)
             boards.append(board)
     bar.close()
-    return Leaderboard(experiment, resolved, boards, len(records), replicates, seed, level, source, len(table))
+    return Leaderboard(experiment, redact(resolved), boards, len(records), replicates, seed, level, source, len(table),
+                       0 if include_random else random_runs)
 
 
 def _paired(rows: list[Row], replicates: int, level: float, seed: int) -> list[PairedEntry]:

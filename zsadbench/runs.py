@@ -124,6 +124,17 @@ class RunRecord:
             return 0
 
     @property
+    def random_weights(self) -> bool:
+        """Returns whether the run used random weights (its numbers say nothing about the method)."""
+        return self.weights == "random"
+
+    @property
+    def metric_tags(self) -> dict[str, str]:
+        """Returns the implementation tag of each metric, as the run recorded them (``metric.<name>`` params)."""
+        prefix = "metric."
+        return {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
+
+    @property
     def aupro_variant(self) -> str:
         """Returns the AUPRO implementation used: ``exact`` (default) or ``step200``."""
         return self.params.get("eval.aupro", "exact")

@@ -1,4 +1,4 @@
-"""Training of trainable methods on auxiliary data: the generic loop, checkpoints, resume, and ``zsadbench train``.
+"""Training of trainable methods on auxiliary data: the generic loop, its checkpoints and exact resumption.
 
 The CLIP-based ZSAD methods (AnomalyCLIP, AdaptCLIP, HeadCLIP) train small learnable parts on the **test split of
 another dataset** (images, labels and masks; normal images get all-zero masks) and are then evaluated zero-shot on
@@ -10,10 +10,8 @@ The loop: seeded shuffling (a dedicated generator, so the order does not depend 
 a progress bar with the running loss, one checkpoint per epoch written atomically (``epoch_{k}.pth``: the method's
 learnable state plus optimiser state, RNG states and the step counter), and exact resumption from the last
 checkpoint: the resumed run draws the same batches and ends with the same parameters as an uninterrupted one.
-
-``zsadbench train`` (:func:`train`) wraps the loop in an MLflow run tagged ``zsadbench.kind=training`` (parameters,
-the loss of every step, the checkpoints as artifacts) and keeps its files in ``results/training/<run-id>/``; an
-interrupted training resumes with ``zsadbench train --resume <run-id>``.
+It knows no job and no tracker: ``zsadbench train`` (:func:`zsadbench.jobs.train`) records it through the
+``on_step`` / ``on_epoch`` callbacks.
 """
 
 from __future__ import annotations
@@ -35,12 +33,10 @@ from tqdm.auto import tqdm
 from zsadbench.checkpoints import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint, write_checkpoint
 from zsadbench.config import apply_overrides, to_dict
 from zsadbench.data import SampleLoader, collate
-from zsadbench.jobs import JobSpec
 from zsadbench.types import Dataset, Sample
 
 if TYPE_CHECKING:
     from zsadbench.detector import Detector, Trainable
-    from zsadbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +116,16 @@ def checkpoint_payload(detector: Detector, epoch: int, extra: dict[str, Any] | N
 
 
 def fit(detector: Trainable, train_data: Dataset, *, checkpoint_dir: str | Path | None = None,
-        resume_from: str | Path | None = None, tracker: Tracker | None = None, progress: bool = True,
-        on_step: Callable[[int, dict[str, float]], None] | None = None, **overrides: Any) -> TrainingResult:
+        resume_from: str | Path | None = None, progress: bool = True,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        on_epoch: Callable[[int, dict[str, float], Path | None], None] | None = None,
+        **overrides: Any) -> TrainingResult:
     """Trains ``detector``'s learnable parts on ``train_data`` and returns the losses and checkpoint files.
 
     ``overrides`` change fields of the method's ``train`` config for this call (``epochs=2``). With
     ``checkpoint_dir`` every epoch writes ``epoch_{k}.pth`` there; ``resume_from`` continues from such a file
     (learnable state, optimiser, RNG states), skipping the epochs it already holds. ``on_step(step, losses)`` is
-    called after every optimiser step.
+    called after every optimiser step, ``on_epoch(epoch, mean_losses, checkpoint_or_None)`` after every epoch.
     """
     config = detector.config  # type: ignore[attr-defined]
     if overrides:
@@ -165,7 +163,7 @@ def fit(detector: Trainable, train_data: Dataset, *, checkpoint_dir: str | Path 
                 num_workers=options.num_workers, collate_fn=collate)
             sums: dict[str, float] = {}
             bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{options.epochs}", unit="batch",
-                       leave=False, disable=not progress)
+                       leave=False, disable=None if progress else True)
             for images, masks, indices in bar:
                 mask = torch.from_numpy(np.stack(masks)).to(device=device, dtype=torch.float32)
                 losses = detector.training_step(images.to(device), mask, labels_all[indices].to(device),
@@ -180,23 +178,19 @@ def fit(detector: Trainable, train_data: Dataset, *, checkpoint_dir: str | Path 
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix({LOSS_KEY: f"{values[LOSS_KEY]:.4f}"})
-                if tracker is not None:
-                    tracker.log_metrics({f"train/{k}": v for k, v in values.items()}, step=step)
                 if on_step is not None:
                     on_step(step, values)
             bar.close()
             means = {k: v / steps_per_epoch for k, v in sums.items()}
             result.epoch_losses.append(means)
-            log.info("epoch %d/%d: %s", epoch + 1, options.epochs, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-            if tracker is not None:
-                tracker.log_metrics({f"epoch/{k}": v for k, v in means.items()}, step=epoch + 1)
+            path = None
             if checkpoint_folder is not None:
                 path = write_checkpoint(checkpoint_payload(cast("Detector", detector), epoch + 1, {"training": {
                     "optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(generator),
                     "epoch_loss": means}}), checkpoint_folder / f"epoch_{epoch + 1}.pth")
                 result.checkpoints.append(path)
-                if tracker is not None:
-                    tracker.log_artifact(path, "checkpoints")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, means, path)
     finally:
         detector.set_train_mode(False)
     result.steps = step
@@ -229,55 +223,3 @@ def last_checkpoint(folder: str | Path) -> Path | None:
         if suffix.isdigit():
             found.append((int(suffix), path))
     return max(found)[1] if found else None
-
-
-@dataclass
-class TrainSpec(JobSpec):
-    """A training job (the shared job fields; the training options are the method config's ``train`` group)."""
-
-
-def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_uri: str | None = None,
-          progress: bool = True) -> tuple[str, TrainingResult]:
-    """Trains a method on an auxiliary dataset in an MLflow run; returns (run id, result). Files: results/training/."""
-    from zsadbench.detector import Trainable
-    from zsadbench.jobs import build, job_params, open_run, read_state
-    from zsadbench.registry import get_method
-
-    resume_file = None
-    if resume is not None:
-        folder, stored = read_state("training", resume)
-        spec = TrainSpec(**stored)
-        resume_file = last_checkpoint(folder)
-    if spec is None:
-        raise ValueError("train() needs a TrainSpec or a run id to resume")
-
-    if not issubclass(get_method(spec.method), Trainable):
-        raise ValueError(f"method {spec.method!r} is not trainable (it has no learnable parts to fit)")
-    method_cls, dataset, detector = build(spec)
-    options: TrainConfig = detector.config.train
-    samples = training_samples(dataset, options.split)
-    job = open_run(spec, method_cls, kind="training", folder_name="training", command="zsadbench train",
-                   tracking_uri=tracking_uri, resume=resume)
-    run_dir, tracker = job.folder, job.tracker
-    categories = sorted({s.category for s in samples})
-    tracker.log_params({**job_params(spec, method_cls, detector, categories), "split": options.split,
-                        "images": len(samples), "anomalous_images": sum(s.label for s in samples)})
-    with job.finishing():
-        result = fit(cast("Trainable", detector), dataset, checkpoint_dir=run_dir, resume_from=resume_file,
-                     tracker=tracker, progress=progress)
-    final = last_checkpoint(run_dir)
-    if final is not None:
-        tracker.set_tags({"zsadbench.checkpoint": str(final)})
-    tracker.finish("complete")
-    return job.run_id, result
-
-
-def with_train_overrides(overrides: dict[str, str], epochs: int | None, batch_size: int | None,
-                         lr: float | None) -> dict[str, str]:
-    """Returns method overrides with the ``--epochs/--batch-size/--lr`` shortcuts added as ``train.*`` keys."""
-    out = dict(overrides)
-    for key, value in (("train.epochs", epochs), ("train.batch_size", batch_size), ("train.lr", lr)):
-        if value is not None:
-            out[key] = str(value)
-    return out
-

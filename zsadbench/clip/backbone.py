@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
+from zsadbench.checkpoints import CheckpointError, check_torch_file
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -110,7 +112,7 @@ def load_clip(model: str, pretrained: str, *, image_size: int | None = None, pos
     """
     config = open_clip.get_model_config(model)
     if config is None:
-        raise ValueError(f"unknown CLIP architecture {model!r}; open_clip knows: {', '.join(open_clip.list_models())}")
+        raise ValueError(f"unknown CLIP architecture {model!r}; {closest_models(model, open_clip.list_models())}")
     native_quick_gelu = bool(config.get("quick_gelu", False))
 
     source, weights_file, state_dict, weights_quick_gelu = _resolve_weights(model, pretrained, cache_dir)
@@ -133,6 +135,17 @@ def load_clip(model: str, pretrained: str, *, image_size: int | None = None, pos
     clip.requires_grad_(False)
     return ClipBackbone(clip, model, pretrained, source, weights_file, quick_gelu, size,
                         pos_embed_mode if size != native else "native", seed)
+
+
+def closest_models(name: str, known: list[str]) -> str:
+    """Returns "did you mean ..." with the closest known names, the tiny test models (``tiny-...``) first."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+    tiny = sorted(m for m in known if m.startswith("tiny-"))
+    if not close:
+        return f"known: {', '.join(tiny + [m for m in known if m not in tiny][:20])}, ... (open_clip.list_models())"
+    return f"did you mean {', '.join(sorted(close, key=lambda m: not m.startswith('tiny-')))}?"
 
 
 class _OpenClipChatter(logging.Filter):
@@ -242,11 +255,15 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], bool]:
 
             obj: object = load_file(str(path), device="cpu")
         else:
+            check_torch_file(path, "weights file")
             obj = _torch_load(path)
+    except CheckpointError as exc:
+        raise WeightsMismatchError(str(exc)) from None
     except WeightsMismatchError:
         raise
     except Exception as exc:
-        raise WeightsMismatchError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsMismatchError(f"cannot read weights file {path}: {type(exc).__name__}: {first_line}") from None
     if isinstance(obj, torch.jit.ScriptModule):
         obj = obj.state_dict()
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,10 +24,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
+from zsadbench.checkpoints import CHECKPOINT_FORMAT, CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
 from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.detector import Detector, Trainable
-from zsadbench.tracking import file_sha256
+from zsadbench.hashing import file_sha256
 from zsadbench.transforms import ClipTransform
 
 
@@ -34,6 +36,7 @@ class LearnedPartsDetector(Detector, Trainable):
     """A detector over a frozen dual-path CLIP whose learned parts (prompts, adapters, head weights) are trained."""
 
     learned_parts: ClassVar[str] = "prompts"  # what the parts are called in warnings and in the run's parameters
+    loads_checkpoints_of: ClassVar[tuple[str, ...]] = ()  # other methods whose zsadbench checkpoints hold our parts
 
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
@@ -99,6 +102,18 @@ class LearnedPartsDetector(Detector, Trainable):
                           "initialisation); pass --checkpoint (a zsadbench training or the authors' epoch_15.pth)",
                           UserWarning, stacklevel=4)
 
+    # ---- visual features ---------------------------------------------------------------------------------------------
+    def encode_images(self, images: Tensor, head_weights: HeadWeightsFn | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Returns global features (B, E) and patch features (B, 1 + P, E) per ``feature_layers`` layer, not normalised.
+
+        The dual-path (DPAM) tower from ``vv_start_layer`` on. It is frozen, so autograd records nothing here unless
+        ``head_weights`` (HeadCLIP) carry gradients.
+        """
+        visual, layers = self.clip.visual, tuple(self.config.feature_layers)
+        out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
+                                vv_taps=layers, head_weights=head_weights)
+        return out.global_feature, out.patch_features(visual, layers)
+
     # ---- training ----------------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Returns the parameters of every learned part."""
@@ -120,10 +135,17 @@ class LearnedPartsDetector(Detector, Trainable):
         return {f"{name}.{k}": v.detach().cpu().clone() for name, module in self.learnable_modules().items()
                 for k, v in module.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restores the learned parts from :meth:`state_dict` output; a mismatch names the missing/unexpected keys."""
-        check_keys(state, {k: tuple(v.shape) for k, v in self.state_dict().items()}, self.state_description())
-        for name, module in self.learnable_modules().items():
+    def load_state_dict(self, state: dict[str, Tensor], parts: Iterable[str] | None = None) -> None:
+        """Restores the learned parts from :meth:`state_dict` output; a mismatch names the missing/unexpected keys.
+
+        ``parts`` restricts the load to those learned parts (the others keep their values).
+        """
+        modules = self.learnable_modules()
+        if parts is not None:
+            modules = {name: modules[name] for name in parts if name in modules}
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items() if k.split(".", 1)[0] in modules}
+        check_keys(state, expected, self.state_description())
+        for name, module in modules.items():
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
         self.clear_caches()
@@ -143,6 +165,11 @@ class LearnedPartsDetector(Detector, Trainable):
         try:
             if self.is_reference_checkpoint(checkpoint):
                 self.load_reference_checkpoint(checkpoint, path)
+            elif (checkpoint.get("format") == CHECKPOINT_FORMAT
+                  and checkpoint.get("method") in self.loads_checkpoints_of):
+                # another method's zsadbench checkpoint (HeadCLIP reads AnomalyCLIP's): the parts it holds
+                state = unwrap_checkpoint(checkpoint, self.name, path, self.loads_checkpoints_of)
+                self.load_state_dict(state, parts={k.split(".", 1)[0] for k in state})
             else:
                 self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
         except CheckpointError as exc:

@@ -1,4 +1,5 @@
-"""Scoring CLIP features against a [normal, abnormal] text pair: AnomalyCLIP's, AdaptCLIP's and HeadCLIP's recipe.
+"""Scoring CLIP features against text features, written once for every CLIP method: logits at a fixed temperature,
+[normal, abnormal] probabilities, patch probability maps, and the harmonic mean the fusions use.
 
 Probabilities are softmax(cos / temperature) over the two classes (a fixed temperature, 0.07 in the references, not
 CLIP's learned logit scale); patch maps drop the CLS token and upsample the **probabilities** (not the logits)
@@ -7,14 +8,25 @@ bilinearly, align_corners False.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def class_logits(features: Tensor, text_features: Tensor, temperature: float) -> Tensor:
+    """Returns cos(features, text) / temperature for (..., E) features and (C, E) text features: (..., C)."""
+    cosine = F.normalize(features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    return cosine / temperature
+
+
 def class_probabilities(features: Tensor, text_features: Tensor, temperature: float) -> Tensor:
     """Returns softmax over [normal, abnormal] of cos(features, text) / temperature, for (..., E) features."""
-    cosine = F.normalize(features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return (cosine / temperature).softmax(dim=-1)
+    return class_logits(features, text_features, temperature).softmax(dim=-1)
+
+
+def harmonic_mean(*tensors: Tensor) -> Tensor:
+    """Returns the element-wise harmonic mean n / Σ 1/x (0 where an input is 0; NaN or inf: callers clean up)."""
+    return len(tensors) / torch.stack([1.0 / t for t in tensors]).sum(dim=0)
 
 
 def patch_probability_maps(patch_features: Tensor, text_features: Tensor, temperature: float,
