@@ -188,6 +188,10 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
     """AdaptCLIP: visual and textual adapters (zero-shot) plus a prompt-query adapter (k normal prompt images)."""
 
     label = "AdaptCLIP"
+    paper = "arXiv:2505.09926"
+    reference = "gaobb/AdaptCLIP@354d9e3"
+    code_license = "GPL-2.0"
+    weights_license = "MIT (OpenAI CLIP); GPL-2.0 (released adapters)"
     Config = AdaptCLIPConfig
     learned_parts = "adapters"
     # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path

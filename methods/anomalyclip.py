@@ -85,6 +85,10 @@ class AnomalyCLIP(LearnedPartsDetector):
     """AnomalyCLIP: object-agnostic learnable prompts scored against DPAM (V-V) patch features."""
 
     label = "AnomalyCLIP"
+    paper = "arXiv:2310.18961"
+    reference = "zqhang/AnomalyCLIP@45ed4dd"
+    code_license = "MIT"
+    weights_license = "MIT (OpenAI CLIP; released prompts)"
     Config = AnomalyCLIPConfig
     # untrained prompts on a tiny seeded backbone: guards the whole inference path (DPAM, prompts, scoring, smoothing)
     regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",

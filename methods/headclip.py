@@ -96,6 +96,10 @@ class HeadCLIP(AnomalyCLIP):
     """HeadCLIP (reconstruction): AnomalyCLIP + learnable head weights + joint anomaly score."""
 
     label = "HeadCLIP (reconstruction)"
+    paper = "arXiv:2505.22259"
+    reference = ""  # no official code: see the module docstring
+    code_license = "none (no official code)"
+    weights_license = "MIT (OpenAI CLIP)"
     Config = HeadCLIPConfig
     # untrained prompts, head weights at their identity initialisation: guards the inference path and the joint score
     regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",

@@ -107,6 +107,10 @@ class WinClip(Detector, FewShot):
     """WinCLIP (zero-shot) and WinCLIP+ (k normal reference images per category, ``shots`` > 0)."""
 
     label = "WinCLIP"
+    paper = "arXiv:2303.14814"
+    reference = "openvinotoolkit/anomalib@161bb36"
+    code_license = "Apache-2.0"
+    weights_license = "MIT (LAION open_clip weights)"
     Config = WinClipConfig
     regression_variants = {  # tiny seeded backbone (12-layer vision tower, 80 px: 5×5 grid) on the fixed benchmark
         "zero-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80},

@@ -183,16 +183,30 @@ def _add_train(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _add_methods(sub: argparse._SubParsersAction) -> Handler:
-    sub.add_parser("methods", help="list registered methods")
+    p = sub.add_parser("methods", help="list registered methods with their references and licenses",
+                       description="List the registered methods: kind, the reference implementation each follows "
+                                   "(owner/repo@commit) and the licenses of its code and of the default weights.")
+    p.add_argument("--details", action="store_true", help="also print each method's paper and one-line summary")
 
     def handle(args: argparse.Namespace) -> int:
         from zsadbench.registry import list_methods
 
+        header = ("method", "name", "kind", "reference", "code license", "weights license")
+        rows = []
         for name, cls in list_methods().items():
             kinds = [k for k, flag in (("transductive", cls.transductive),
                                        ("trainable", _is(cls, "Trainable")), ("few-shot", _is(cls, "FewShot"))) if flag]
-            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"{name:14s} {cls.display_name():28s} {', '.join(kinds) or 'inductive':28s} {summary}")
+            rows.append((name, cls.display_name(), ", ".join(kinds) or "inductive", cls.reference or "none released",
+                         cls.code_license or "not declared", cls.weights_license or "not declared"))
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+        for row in (header, *rows):
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        print("The built-in methods are reimplementations that copy no reference code; THIRD_PARTY_NOTICES.md "
+              "gives the licenses of code, weights and datasets.")
+        if args.details:
+            for name, cls in list_methods().items():
+                summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+                print(f"{name}: {summary}\n  paper: {cls.paper or 'not declared'}")
         return 0
 
     return handle
