@@ -1,7 +1,7 @@
 """AdaptCLIP: Adapting CLIP for Universal Visual Anomaly Detection (Gao et al., AAAI 2026).
 
-Paper: https://arxiv.org/abs/2505.09926. Reference implementation: gaobb/AdaptCLIP @354d9e3 (GPL-2.0: re-implemented
-from shared/specs/adaptclip.md, no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
+Paper: https://arxiv.org/abs/2505.09926. Reference implementation: gaobb/AdaptCLIP @354d9e3 (GPL-2.0: reimplemented,
+no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
 
 Method, as implemented:
 
@@ -404,7 +404,7 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
                 "visual_learner": visual, "pq_learner": pq}
 
     def is_reference_checkpoint(self, checkpoint: dict[str, Any]) -> bool:
-        """Returns whether ``checkpoint`` is the authors' ``{"textual_learner", ...}`` layout (spec §11)."""
+        """Returns whether ``checkpoint`` is the authors' ``{"textual_learner", ...}`` layout (HF epoch_15.pth)."""
         return isinstance(checkpoint.get("textual_learner"), dict)
 
     def load_reference_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:
