@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, typecheck, regression, bench, parity.
+"""nox sessions: tests, lint, typecheck, regression, docs, bench, parity.
 
 Sessions run in the active environment (``pip install -e ".[dev]"`` first): a fresh virtualenv per session would
 reinstall torch (several GB) each time. CI creates one environment and runs the sessions in it.
@@ -38,6 +38,12 @@ def typecheck(session: nox.Session) -> None:
 def regression(session: nox.Session) -> None:
     """Runs every method on the fixed synthetic benchmark and compares against the committed goldens."""
     session.run("zsadbench", "check", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Builds the documentation site (mkdocs.yml) into the git-ignored site/, warnings as errors, offline."""
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs)
 
 
 @nox.session

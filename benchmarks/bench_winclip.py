@@ -4,8 +4,9 @@
 
 Both models get the same full-size ViT-B-16-plus-240 random weights (240 px) and the same preprocessed batch; text
 embeddings are computed before timing (both cache them per class). anomalib runs with the batch-first window fix of
-specs/winclip.md §4.1 (without it its windows are wrong, and slower). Timed forwards alternate between the two models
-so that load from other processes hits both alike; medians are reported, with the load average. Target: ratio >= 1.
+anomalib#2571 (docs/methods/winclip.md; without it its windows are wrong, and slower). Timed forwards alternate
+between the two models so that load from other processes hits both alike; medians are reported, with the load
+average. Target: ratio >= 1.
 Without anomalib installed only zsadbench's throughput is printed.
 """
 

@@ -1,7 +1,7 @@
 """AdaptCLIP: Adapting CLIP for Universal Visual Anomaly Detection (Gao et al., AAAI 2026).
 
-Paper: https://arxiv.org/abs/2505.09926. Reference implementation: gaobb/AdaptCLIP @354d9e3 (GPL-2.0: re-implemented
-from shared/specs/adaptclip.md, no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
+Paper: https://arxiv.org/abs/2505.09926. Reference implementation: gaobb/AdaptCLIP @354d9e3 (GPL-2.0: reimplemented,
+no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
 
 Method, as implemented:
 
@@ -182,6 +182,10 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
     """AdaptCLIP: visual and textual adapters (zero-shot) plus a prompt-query adapter (k normal prompt images)."""
 
     label = "AdaptCLIP"
+    paper = "arXiv:2505.09926"
+    reference = "gaobb/AdaptCLIP@354d9e3"
+    code_license = "GPL-2.0"
+    weights_license = "MIT (OpenAI CLIP); GPL-2.0 (released adapters)"
     Config = AdaptCLIPConfig
     learned_parts = "adapters"
     # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path
@@ -385,7 +389,7 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
                 "visual_learner": visual, "pq_learner": pq}
 
     def is_reference_checkpoint(self, checkpoint: dict[str, Any]) -> bool:
-        """Returns whether ``checkpoint`` is the authors' ``{"textual_learner", ...}`` layout (spec §11)."""
+        """Returns whether ``checkpoint`` is the authors' ``{"textual_learner", ...}`` layout (HF epoch_15.pth)."""
         return isinstance(checkpoint.get("textual_learner"), dict)
 
     def load_reference_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:

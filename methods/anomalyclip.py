@@ -1,7 +1,7 @@
 """AnomalyCLIP: Object-agnostic Prompt Learning for Zero-shot Anomaly Detection (Zhou et al., ICLR 2024).
 
 Paper: https://arxiv.org/abs/2310.18961. Reference implementation: zqhang/AnomalyCLIP @45ed4dd (train.py, test.py,
-prompt_ensemble.py, loss.py, AnomalyCLIP_lib/); spec: shared/specs/anomalyclip.md.
+prompt_ensemble.py, loss.py, AnomalyCLIP_lib/); documentation: docs/methods/anomalyclip.md.
 
 Method, as implemented:
 
@@ -84,6 +84,10 @@ class AnomalyCLIP(LearnedPartsDetector):
     """AnomalyCLIP: object-agnostic learnable prompts scored against DPAM (V-V) patch features."""
 
     label = "AnomalyCLIP"
+    paper = "arXiv:2310.18961"
+    reference = "zqhang/AnomalyCLIP@45ed4dd"
+    code_license = "MIT"
+    weights_license = "MIT (OpenAI CLIP; released prompts)"
     Config = AnomalyCLIPConfig
     # untrained prompts on a tiny seeded backbone: guards the whole inference path (DPAM, prompts, scoring, smoothing)
     presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
@@ -160,7 +164,7 @@ class AnomalyCLIP(LearnedPartsDetector):
                 f"{self.config.deep_prompt_depth - 1} x {self.config.deep_prompt_length})")
 
     def is_reference_checkpoint(self, checkpoint: dict[str, Any]) -> bool:
-        """Returns whether ``checkpoint`` is the authors' ``{"prompt_learner": ...}`` layout (spec §7)."""
+        """Returns whether ``checkpoint`` is the authors' ``{"prompt_learner": ...}`` layout (released epoch_15.pth)."""
         return isinstance(checkpoint.get("prompt_learner"), dict)
 
     def load_reference_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:

@@ -1,8 +1,8 @@
 """HeadCLIP: Domain Adaptation of Attention Heads for Zero-shot Anomaly Detection (Jeong et al., 2025) — reconstruction.
 
 Paper: https://arxiv.org/abs/2505.22259v2 ("Head-adaptive CLIP"). The official code
-(github.com/kiyoonjeong0305/HeadCLIP) is not available to us, so this is the reconstruction laid out in
-shared/specs/headclip.md §3, labelled "HeadCLIP (reconstruction)" in every run and report until it can be checked
+(github.com/kiyoonjeong0305/HeadCLIP) is not available to us, so this is a reconstruction (documented in
+docs/methods/headclip.md), labelled "HeadCLIP (reconstruction)" in every run and report until it can be checked
 against the official code. What the abstract establishes: learnable text prompts for normality and abnormality,
 learnable head weights in the image encoder, and a joint anomaly score that brings pixel-level evidence into the
 image score.
@@ -25,12 +25,12 @@ Method, as reconstructed:
    inference-only.
 
 Checkpoints: zsadbench's own (``prompt_learner.*`` in the AnomalyCLIP reference key layout + ``head_weights.*``:
-``weight`` (layers, heads) static, ``generators.{i}.weight|bias`` conditioned), the spec's
+``weight`` (layers, heads) static, ``generators.{i}.weight|bias`` conditioned), the nested
 ``{"prompt_learner": ..., "head_weights": ...}`` layout, and AnomalyCLIP's released ``{"prompt_learner": ...}`` files
 (head weights then stay at 1: AnomalyCLIP's prompts with the joint score).
 
-Deliberate deviations: every [H] choice of spec §3 is one (layers, parameterisation, both paths weighted, JAS formula,
-objective); the AnomalyCLIP deviations (own random generators, any batch size, SDPA) apply as well.
+Deliberate deviations: every reconstructed choice above is one (layers, parameterisation, both paths weighted,
+JAS formula, objective); the AnomalyCLIP deviations (own random generators, any batch size, SDPA) apply as well.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from zsadbench.types import Prediction
 
 @dataclass
 class HeadWeightsConfig:
-    """Learnable head weights (spec §3.2)."""
+    """Learnable head weights (LHW)."""
 
     enabled: bool = True  # False: exactly AnomalyCLIP's vision tower
     mode: HeadWeightsMode = "static"  # "static" parameters or "conditioned" on each layer's CLS token
@@ -62,7 +62,7 @@ class HeadWeightsConfig:
 
 @dataclass
 class JointScoreConfig:
-    """Joint anomaly score (spec §3.4): alpha·p_global + (1 - alpha)·aggregate(map)."""
+    """Joint anomaly score (JAS): alpha·p_global + (1 - alpha)·aggregate(map)."""
 
     alpha: float = 0.5
     aggregate: Literal["max", "topk_mean"] = "max"
@@ -96,6 +96,10 @@ class HeadCLIP(AnomalyCLIP):
     """HeadCLIP (reconstruction): AnomalyCLIP + learnable head weights + joint anomaly score."""
 
     label = "HeadCLIP (reconstruction)"
+    paper = "arXiv:2505.22259"
+    reference = ""  # no official code: see the module docstring
+    code_license = "none (no official code)"
+    weights_license = "MIT (OpenAI CLIP)"
     Config = HeadCLIPConfig
     # untrained prompts, head weights at their identity initialisation: guards the inference path and the joint score
     presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
@@ -144,7 +148,7 @@ class HeadCLIP(AnomalyCLIP):
         return f"{super().state_description()}, head weights {lhw.mode} on layers {lhw.layers!r}"
 
     def load_reference_checkpoint(self, checkpoint: dict, path: str | Path) -> None:
-        """Loads the spec's ``{"prompt_learner", "head_weights"}`` layout or AnomalyCLIP's (head weights stay 1)."""
+        """Loads the nested ``{"prompt_learner", "head_weights"}`` layout or AnomalyCLIP's (head weights stay 1)."""
         super().load_reference_checkpoint(checkpoint, path)
         if "head_weights" in checkpoint:
             expected = {k: tuple(v.shape) for k, v in self.head_weights.state_dict().items()}

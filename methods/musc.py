@@ -273,6 +273,10 @@ class MuSc(TransductiveDetector):
 
     Config = MuScConfig
     label = "MuSc"
+    paper = "arXiv:2401.16753"
+    reference = "xrli-U/MuSc@b76b93d"
+    code_license = "MIT"
+    weights_license = "MIT (OpenAI CLIP); Apache-2.0 (DINO, DINOv2)"
     presets = {  # tiny seeded backbones at the real depth (a few seconds per category)
         "smoke": {"model": "tiny-ViT-L-14-336", "pretrained": "random", "image_size": 56},
         "smoke-dinov2": {"model": "tiny-dinov2_vitl14", "pretrained": "random", "image_size": 56},

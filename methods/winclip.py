@@ -2,20 +2,20 @@
 
 Paper: https://arxiv.org/abs/2303.14814. No official code was released. zsadbench follows the anomalib implementation
 (openvinotoolkit/anomalib @161bb36, src/anomalib/models/image/winclip/), cross-checked with the zqhang/WinCLIP-pytorch
-reproduction (@6b070ff), whose per-class results are the benchmark-level target (spec: shared/specs/winclip.md).
+reproduction (@6b070ff), whose per-class results are the benchmark-level target (docs/methods/winclip.md).
 
 Method, as implemented:
 
-1. Compositional prompt ensemble (§3): 7 normal and 4 anomalous states of the class name × 21 templates (one listed
+1. Compositional prompt ensemble: 7 normal and 4 anomalous states of the class name × 21 templates (one listed
    twice) = 147 / 84 prompts; each class embedding is the mean of the raw (unnormalised) prompt embeddings, computed
    once per category.
-2. Window embeddings (§4): the full image and every 2×2 (196) and 3×3 (169) window of the 15×15 patch grid, each
+2. Window embeddings: the full image and every 2×2 (196) and 3×3 (169) window of the 15×15 patch grid, each
    window re-run through the whole ViT with its own positional embeddings and the CLS token; embedding = ln_post(CLS)
    @ proj. All windows of a batch go through the tower in one packed pass.
-3. Zero-shot scores (§5): a(e) = softmax([cos(e, t_n), cos(e, t_a)] / 0.07)[anomalous]. Image score = a(full image).
+3. Zero-shot scores: a(e) = softmax([cos(e, t_n), cos(e, t_a)] / 0.07)[anomalous]. Image score = a(full image).
    Per window scale, each patch gets the harmonic mean of the scores of the windows covering it; the image score, the
    2×2 map and the 3×3 map are fused by a harmonic mean on the grid, then bilinearly upsampled to the input size.
-4. Few-shot WinCLIP+ (§6): k normal reference images give a memory of patch tokens (ln_post'd, unprojected) and of
+4. Few-shot WinCLIP+: k normal reference images give a memory of patch tokens (ln_post'd, unprojected) and of
    window embeddings per scale. Association = min over the memory of (1 − cos) / 2, harmonic-aggregated per window
    scale; few-shot map = mean of the patch map and the window-scale maps. Final map = (zero-shot + few-shot) / 2,
    image score = (zero-shot image score + max of the few-shot map) / 2 (anomalib).
@@ -24,7 +24,7 @@ Deliberate deviations from anomalib:
 
 - Preprocessing is the PIL bicubic squash of the benchmark reference (zqhang) instead of anomalib's antialiased tensor
   resize (~1e-2 apart on pixels); the parity test feeds both the same preprocessed tensor.
-- anomalib's window forward attends across windows with open_clip >= 2.26 (anomalib#2571, spec §4.1); zsadbench
+- anomalib's window forward attends across windows with open_clip >= 2.26 (anomalib#2571); zsadbench
   implements the intended within-window attention, which equals anomalib under open_clip 2.24 / with the fix.
 - Few-shot association scores are clamped at 0 (round-off made them -1e-7 for a duplicate of a reference image,
   which the harmonic mean turns into arbitrary values); identical otherwise.
@@ -102,6 +102,10 @@ class WinClip(Detector, FewShot):
     """WinCLIP (zero-shot) and WinCLIP+ (k normal reference images per category, ``shots`` > 0)."""
 
     label = "WinCLIP"
+    paper = "arXiv:2303.14814"
+    reference = "openvinotoolkit/anomalib@161bb36"
+    code_license = "Apache-2.0"
+    weights_license = "MIT (LAION open_clip weights)"
     Config = WinClipConfig
     # tiny seeded backbone (12-layer vision tower, 80 px: 5×5 grid)
     presets = {"smoke": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80}}

@@ -32,7 +32,7 @@ from zsadbench.metrics import (
 )
 
 # --------------------------------------------------------------------------------------------------------------------
-# Slow, literal references (written from the definitions in specs/metrics.md)
+# Slow, literal references (written from the definitions in docs/metrics.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 

@@ -46,22 +46,22 @@ def test_committed_table_is_valid_and_cites_every_number(reported: pd.DataFrame)
         assert {"mvtec", "visa"} <= set(means[means.method == method].dataset)
 
 
-def test_spot_checks_against_the_specs(reported: pd.DataFrame) -> None:
-    # specs/musc.md 7.2, code release means and one category
+def test_spot_checks_against_the_sources(reported: pd.DataFrame) -> None:
+    # xrli-U/MuSc README (code release): means and one category
     assert value(reported, method="musc", dataset="mvtec", category="mean", metric="image_auroc",
                  source_kind="code-release", backbone="") == 97.77
     assert value(reported, method="musc", dataset="visa", category="macaroni2", metric="pixel_ap") == 3.91
     # BTAD categories stay strings ("01", not 1)
     assert value(reported, method="musc", dataset="btad", category="02", metric="pixel_aupro") == 68.64
-    # specs/anomalyclip.md 9.3, released checkpoint log, step200 AUPRO
+    # zqhang/AnomalyCLIP released checkpoint log, step200 AUPRO
     row = reported[(reported.method == "anomalyclip") & (reported.dataset == "visa") & (reported.category == "candle")
                    & (reported.metric == "pixel_aupro")].iloc[0]
     assert (row.value_pct, row.metric_variant, row.training_set) == ("96.5", "aupro.step200", "mvtec")
-    # specs/adaptclip.md 12: trapezoid AUPR, VisA-trained checkpoint on MVTec AD
+    # gaobb/AdaptCLIP README: trapezoid AUPR, VisA-trained checkpoint on MVTec AD
     row = reported[(reported.method == "adaptclip") & (reported.dataset == "mvtec") & (reported.shots == 0)
                    & (reported.metric == "pixel_ap")].iloc[0]
     assert (row.value_pct, row.metric_variant, row.training_set) == ("38.3", "ap.trapz", "visa")
-    # specs/winclip.md 8: zqhang reproduction and the paper
+    # zqhang/Accurate-WinCLIP-pytorch README: the reproduction
     assert value(reported, method="winclip", dataset="mvtec", category="mean", metric="pixel_aupro",
                  source_kind="reproduction") == 61.9
     assert value(reported, method="winclip", dataset="visa", category="mean", metric="image_auroc",

@@ -362,9 +362,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _add_methods(sub: argparse._SubParsersAction) -> Handler:
-    p = sub.add_parser("methods", help="list registered methods, or one method's options and presets",
-                       description="Without a name: every registered method with its kind and presets. With a name: "
-                                   "its options (defaults and meaning) and presets.")
+    p = sub.add_parser("methods", help="list registered methods (kind, presets, reference, licenses), or one's options",
+                       description="Without a name: every registered method with its kind, presets, the reference "
+                                   "implementation it follows (owner/repo@commit) and the licenses of its code and of "
+                                   "its default weights. With a name: its paper, options (defaults and meaning) and "
+                                   "presets.")
     p.add_argument("name", nargs="?", help="a method name: list its options")
 
     def handle(args: argparse.Namespace) -> int:
@@ -374,10 +376,13 @@ def _add_methods(sub: argparse._SubParsersAction) -> Handler:
             print(describe_method(get_method(args.name)))
             return 0
         rows = [(name, cls.display_name(), method_kinds(cls), ", ".join(cls.presets) or "-",
-                 (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
-                for name, cls in list_methods().items()]
-        print(_text_table(["method", "label", "kind", "presets", "summary"], rows))
-        print("\n`zsadbench methods NAME` lists a method's options; `--preset smoke` runs its tiny configuration.")
+                 cls.reference or "none released", cls.code_license or "not declared",
+                 cls.weights_license or "not declared") for name, cls in list_methods().items()]
+        print(_text_table(["method", "label", "kind", "presets", "reference", "code license", "weights license"],
+                          rows))
+        print("\nThe built-in methods are reimplementations that copy no reference code; THIRD_PARTY_NOTICES.md "
+              "gives the licenses of code, weights and datasets.\n`zsadbench methods NAME` lists a method's options; "
+              "`--preset smoke` runs its tiny configuration.")
         return 0
 
     return handle
@@ -400,6 +405,8 @@ def describe_method(cls: Any) -> str:
     lines = [f"{cls.name}: {cls.display_name()} ({method_kinds(cls)})"]
     if cls.__doc__:
         lines.append(cls.__doc__.strip().splitlines()[0])
+    lines.append(f"paper: {cls.paper or 'not declared'}; reference: {cls.reference or 'none released'}; code license: "
+                 f"{cls.code_license or 'not declared'}; weights license: {cls.weights_license or 'not declared'}")
     lines.append("")
     rows = [(name, repr(default), meaning) for name, default, meaning in describe_options(cls.Config)]
     lines.append(_text_table(["option (--set KEY=VALUE)", "default", "meaning"], rows))

@@ -33,6 +33,11 @@ class Detector(abc.ABC):
 
     name: ClassVar[str] = ""  # registry name, set by @register_method
     label: ClassVar[str] = ""  # display name in tables and reports; defaults to the class name
+    # Provenance, listed by `zsadbench methods` (the built-ins' are detailed in THIRD_PARTY_NOTICES.md).
+    paper: ClassVar[str] = ""  # the paper, e.g. "arXiv:2310.18961"
+    reference: ClassVar[str] = ""  # the reference implementation followed, "owner/repo@commit"; "" = none released
+    code_license: ClassVar[str] = ""  # the license of the reference implementation's code (SPDX id where one exists)
+    weights_license: ClassVar[str] = ""  # the licenses of the default weights and of any released learned parts
     Config: ClassVar[type]  # the method's config dataclass
     transductive: ClassVar[bool] = False
     # `zsadbench check` (zsadbench/regression.py): per variant to guard ("zero-shot", "1-shot", ...), the config

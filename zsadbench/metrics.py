@@ -1,6 +1,6 @@
 """Exact anomaly-detection metrics per category, accumulated batch by batch in bounded memory.
 
-Definitions (specs/metrics.md): AUROC = sklearn ``roc_auc_score`` (ties count one half); AP = sklearn
+Definitions (docs/metrics.md): AUROC = sklearn ``roc_auc_score`` (ties count one half); AP = sklearn
 ``average_precision_score`` (step-wise); F1-max = the maximum of 2PR/(P+R) over the points of sklearn's
 ``precision_recall_curve``; AUPRO = the official MVTec AD AU-PRO (8-connected ground-truth components per image, one
 curve point per distinct score, (0, 0) prepended and (1, 1) appended, trapezoid up to ``fpr_limit`` with linear
