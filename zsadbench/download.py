@@ -61,11 +61,13 @@ class ResumableDownloader:
 
     def __call__(self, url: str, output_file: Any, pooch: Any = None, check_only: bool = False) -> Any:
         import requests
+        import urllib3
 
         if check_only:
             return requests.head(url, allow_redirects=True, timeout=self.timeout).ok
         offset = self.partial.stat().st_size if self.partial.exists() else 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # identity: the bytes on disk must be the published ones (Content-Length and ranges count them)
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
                 if offset and response.status_code == 416:  # the partial file is already complete (or corrupt)
@@ -81,14 +83,15 @@ class ResumableDownloader:
                 bar = self._bar(total, start, url)
                 try:
                     with open(self.partial, mode) as handle:
-                        for block in response.iter_content(self.chunk):
+                        # read1 hands over whatever has arrived, so a dropped connection loses no received byte
+                        while block := response.raw.read1(self.chunk, decode_content=False):
                             handle.write(block)
                             if bar is not None:
                                 bar.update(len(block))
                 finally:
                     if bar is not None:
                         bar.close()
-        except requests.exceptions.RequestException as exc:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             have = self.partial.stat().st_size if self.partial.exists() else 0
             raise DownloadError(f"transfer of {url} interrupted after {have} bytes ({exc.__class__.__name__}: "
                                 f"{exc}); run the same command again to resume") from None
