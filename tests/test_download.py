@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import box_mask, noise_image, write_image
+from zsadbench.datasets.mvtec import load_mvtec
 
 from zsadbench import registry
 from zsadbench.cli import main
-from zsadbench.datasets.mvtec import load_mvtec
 from zsadbench.download import MANIFEST, DownloadError, check_members, download, verify
 from zsadbench.registry import Archive, DatasetInfo
 

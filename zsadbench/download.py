@@ -329,7 +329,7 @@ def verify_dataset(dataset: Dataset, info: DatasetInfo | None = None, *, workers
         else:
             pairs.append((Path(sample.image_path), mask))
     headers = _header_sizes(sorted({Path(s.image_path) for s in dataset.samples} | {m for _, m in pairs}), workers)
-    for path, value in headers.items():
+    for value in headers.values():
         if isinstance(value, str):
             report.problems.append(value)
     for image, mask in pairs:
@@ -413,7 +413,7 @@ def download(name: str, root: str | Path, *, cache: str | Path | None = None, ke
         return DownloadResult(info.name, root, "manual-ok" if report.ok else "manual-problems", report=report)
 
     manifest = _read_manifest(root)
-    if _manifest_matches(manifest, info):
+    if manifest is not None and _manifest_matches(manifest, info):
         echo(f"{root} already holds {info.name} from archives with the same SHA-256 "
              f"({manifest.get('downloaded_at', '?')}); nothing to download. Check it with: "
              f"zsadbench verify {info.name} --root {root}")
