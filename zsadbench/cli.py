@@ -259,7 +259,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> Handler:
         from zsadbench.download import verify
 
         report = verify(args.dataset, args.root, workers=args.workers, fingerprint=not args.no_fingerprint,
-                        **parse_assignments(args.dataset_option))
+                        options=parse_assignments(args.dataset_option))
         print(report.format())
         return 0 if report.ok else 1
 

@@ -348,10 +348,11 @@ def verify_dataset(dataset: Dataset, info: DatasetInfo | None = None, *, workers
 
 
 def verify(name: str, root: str | Path | None, *, workers: int | None = None, fingerprint: bool = True,
-           progress: bool = True, **options: Any) -> VerifyReport:
-    """Returns the verification report of registered dataset ``name`` read from ``root``."""
+           progress: bool = True, options: dict[str, Any] | None = None) -> VerifyReport:
+    """Returns the verification report of registered dataset ``name`` read from ``root`` (``options``: loader
+    options, as ``--dataset-option`` gives them)."""
     info = get_dataset(name)
-    dataset = info.load(root, **options)
+    dataset = info.load(root, **(options or {}))
     # published counts describe the full dataset as distributed, not a variant chosen by loader options
     return verify_dataset(dataset, info if not options else None, workers=workers, fingerprint=fingerprint,
                           progress=progress)
@@ -363,7 +364,11 @@ def verify(name: str, root: str | Path | None, *, workers: int | None = None, fi
 def obtain_text(info: DatasetInfo, root: Path | None = None) -> str:
     """Returns how to obtain a dataset by hand: the steps, then the folder layout the loader expects."""
     where = str(root) if root is not None else "<root>"
-    steps = info.obtain or (f"Download it from {info.homepage}" if info.homepage else "No source recorded.")
+    if info.downloadable:
+        steps = f"zsadbench download {info.name} --root {where} fetches and unpacks it" + \
+            (f" (or download it by hand from {info.homepage})" if info.homepage else "")
+    else:
+        steps = info.obtain or (f"Download it from {info.homepage}" if info.homepage else "No source recorded.")
     layout = info.layout.replace("{root}", where)
     return f"{steps}\n\nThen arrange the files as:\n{layout}\n\nand check the result with: " \
            f"zsadbench verify {info.name} --root {where}"
