@@ -11,10 +11,10 @@ import pytest
 import tifffile
 from conftest import box_mask, noise_image, write_image
 from PIL import Image
+from zsadbench.datasets.mvtec_ad2 import private_images, server_map_paths, write_server_maps
 
 import zsadbench
 from zsadbench.data import DataError, DatasetLayoutError, read_mask
-from zsadbench.datasets.mvtec_ad2 import private_images, server_map_paths, write_server_maps
 from zsadbench.download import verify
 
 H, W = 20, 36  # non-square on purpose: a transposed (W, H) mask would not fit
@@ -263,7 +263,7 @@ def test_bmad_image_level_subset_and_wrong_layout(tmp_path: Path) -> None:
         zsadbench.load_dataset("bmad_oct17", tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------------------- verify
+# ------------------------------------------------------------------------------------------------------------- verify
 
 
 def test_verify_counts_sizes_and_fingerprint(tmp_path: Path) -> None:

@@ -122,4 +122,8 @@ def job_params(spec: JobSpec, method_cls: type[Detector], detector: Detector, ca
     pretrained = getattr(detector.config, "pretrained", None)
     if pretrained is not None:
         params["weights"] = weights_id(pretrained)
+    from zsadbench.fingerprint import registered_fingerprint
+
+    # which exact files (all categories of the copy): cached file hashes make this a stat per file after the first run
+    params["dataset_fingerprint"] = registered_fingerprint(spec.dataset, spec.data_root, spec.dataset_options)
     return params
