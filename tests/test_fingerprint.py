@@ -87,6 +87,7 @@ def test_parallel_hashing_matches_serial(tmp_path: Path) -> None:
 def test_runs_record_the_fingerprint_and_the_leaderboard_flags_mixed_copies(
         isolated_results: Path, mlflow_store: Path, test_methods, tmp_path: Path) -> None:
     from zsadbench.datasets.synthetic import load_synthetic
+
     from zsadbench.download import verify
 
     copy_a = tmp_path / "copy-a"
