@@ -41,7 +41,8 @@ def _gt_has_defect(path: Path) -> bool:
     homepage="https://www.vicos.si/resources/kolektorsdd2/",
     archives=(Archive("https://go.vicos.si/kolektorsdd2", None,
                       "none published: vicoslab/mixed-segdec-net-comind2021 datasets/KSDD2/download_and_extract.py "
-                      "downloads the same URL without a checksum", filename="KolektorSDD2.zip"),),
+                      "downloads http://go.vicos.si/kolektorsdd2 without a checksum", filename="KolektorSDD2.zip",
+                      mirrors=("http://go.vicos.si/kolektorsdd2",)),),
     categories=("ksdd2",),
     counts={"total": {"train": 2331, "test_normal": 894, "test_anomalous": 110}},
     counts_source="official split as commonly reported: train 246 defective + 2085 normal, test 110 + 894")

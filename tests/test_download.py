@@ -334,3 +334,22 @@ def test_cli_download_then_verify(tmp_path: Path, published, capsys: pytest.Capt
     (root / "widget" / "train" / "good" / "001.png").unlink()
     assert main(["verify", name, "--root", str(root)]) == 1
     assert "train in total: 1 images, the published count is 2" in capsys.readouterr().out
+
+
+def test_datasets_lists_license_counts_and_how_to_obtain(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["datasets"]) == 0
+    blocks = {b.split()[0]: b for b in capsys.readouterr().out.split("\n") if b and not b.startswith(" ")}
+    assert {"mvtec", "visa", "btad", "mvtec_loco", "mvtec_ad2", "ksdd2", "realiad", "bmad_his"} <= set(blocks)
+    assert main(["datasets", "mvtec"]) == 0
+    mvtec = capsys.readouterr().out
+    assert "train 3629 · test 1725 (467 normal, 1258 anomalous)" in mvtec and "CC BY-NC-SA 4.0" in mvtec
+    assert "zsadbench download mvtec --root DIR" in mvtec and "mvtecad.py DOWNLOAD_INFO" in mvtec
+    assert main(["datasets", "realiad"]) == 0
+    realiad = capsys.readouterr().out
+    assert "huggingface-cli download REAL-IAD/Real-IAD --repo-type dataset" in realiad
+    assert "realiad_jsons/{realiad_jsons|realiad_jsons_sv" in realiad
+    every = registry.list_datasets()
+    downloadable = {name for name, info in every.items() if info.downloadable}
+    assert downloadable == {"mvtec", "visa", "btad", "mvtec_loco", "mvtec_ad2", "ksdd2"}
+    assert all(info.obtain for name, info in every.items() if name not in downloadable | {"synthetic", "meta"})
+    assert all(a.sha256_source for info in every.values() for a in info.archives)

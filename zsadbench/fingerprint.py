@@ -184,4 +184,4 @@ def registered_fingerprint(dataset_name: str, data_root: str | Path | None, opti
         from zsadbench.registry import get_dataset
 
         load = get_dataset(dataset_name).load
-    return dataset_fingerprint(load(data_root, **(options or {})))
+    return dataset_fingerprint(load(data_root, **(options or {})), progress=True)
