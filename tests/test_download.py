@@ -17,11 +17,12 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import box_mask, noise_image, write_image
 from zsadbench.datasets.mvtec import load_mvtec
 
-from zsadbench import registry
+from zsadbench import fingerprint, registry
 from zsadbench.cli import main
 from zsadbench.download import MANIFEST, DownloadError, check_members, download, verify
 from zsadbench.registry import Archive, DatasetInfo
@@ -139,7 +140,8 @@ def gets(server: ArchiveServer) -> list[tuple[str, str | None, int]]:
     return [r for r in server.requests if r[0].startswith("/files/")]
 
 
-def test_download_verifies_unpacks_and_records(tmp_path: Path, published, server: ArchiveServer) -> None:
+def test_download_verifies_unpacks_and_records(tmp_path: Path, published, server: ArchiveServer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     name, data = published
     root = tmp_path / "data" / "widgets"
     lines: list[str] = []
@@ -154,9 +156,12 @@ def test_download_verifies_unpacks_and_records(tmp_path: Path, published, server
     assert manifest["archives"][0]["sha256_source"] == "computed by the test" and manifest["archives"][0]["verified"]
     # the archive is removed after unpacking, the staging folder is gone, and verify agrees on the fingerprint
     assert [p.name for p in root.parent.iterdir()] == ["widgets"]
+    hashed: list[str] = []
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda p, *a: hashed.append(p))
     report = verify(name, root, progress=False)
     assert report.ok, report.format()
     assert report.fingerprint == manifest["fingerprint"]
+    assert hashed == []  # the hashes computed while unpacking were cached under the final paths
 
 
 def test_checksum_mismatch_leaves_nothing(tmp_path: Path, published, server: ArchiveServer) -> None:
@@ -207,6 +212,14 @@ def test_redownload_skipped_when_hash_matches(tmp_path: Path, published, server:
     # an unpacked copy whose manifest has the same hashes is left as it is
     result = download(name, tmp_path / "a", progress=False, echo=lambda _: None)
     assert result.status == "present" and len(gets(server)) == 1
+
+
+def test_stale_staging_of_a_killed_attempt_is_removed(tmp_path: Path, published) -> None:
+    name, _ = published
+    stale = tmp_path / "data" / ".widgets.unpacking-killed"
+    (stale / "widget" / "test").mkdir(parents=True)
+    download(name, tmp_path / "data" / "widgets", progress=False, echo=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["widgets"]
 
 
 def test_refuses_a_non_empty_root(tmp_path: Path, published) -> None:
@@ -353,3 +366,30 @@ def test_datasets_lists_license_counts_and_how_to_obtain(capsys: pytest.CaptureF
     assert downloadable == {"mvtec", "visa", "btad", "mvtec_loco", "mvtec_ad2", "ksdd2"}
     assert all(info.obtain for name, info in every.items() if name not in downloadable | {"synthetic", "meta"})
     assert all(a.sha256_source for info in every.values() for a in info.archives)
+
+
+def test_zip_archive_with_a_top_folder(tmp_path: Path, server: ArchiveServer) -> None:
+    """A zip (as KSDD2 and BTAD ship) whose members sit under one top folder, read by the KSDD2 loader."""
+    from zsadbench.datasets.ksdd2 import load_ksdd2
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for split in ("train", "test"):
+            for i, defective in enumerate((False, True)):
+                image = write_image(tmp_path / "src" / f"{split}{i}.png", noise_image(20, 36, i))
+                gt = write_image(tmp_path / "src" / f"{split}{i}_GT.png",
+                                 box_mask(20, 36) if defective else np.zeros((20, 36), np.uint8))
+                archive.write(image, f"KolektorSDD2/{split}/{10000 + i}.png")
+                archive.write(gt, f"KolektorSDD2/{split}/{10000 + i}_GT.png")
+    data = buffer.getvalue()
+    server.files["/kolektorsdd2"] = data
+    registry._discover()
+    registry._datasets["test-zip"] = DatasetInfo(
+        "test-zip", load_ksdd2, archives=(Archive(server.url("/kolektorsdd2"), hashlib.sha256(data).hexdigest(),
+                                                  "test", filename="KolektorSDD2.zip"),))
+    try:
+        download("test-zip", tmp_path / "ksdd2", progress=False, echo=lambda _: None)
+    finally:
+        registry._datasets.pop("test-zip", None)
+    dataset = load_ksdd2(tmp_path / "ksdd2")
+    assert [s.label for s in dataset.test("ksdd2")] == [0, 1]

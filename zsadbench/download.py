@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from zsadbench.data import MASK_EXTENSIONS, DataError, image_size
-from zsadbench.fingerprint import dataset_fingerprint, short
+from zsadbench.fingerprint import dataset_fingerprint, fingerprint_and_hashes, remember_moved, short
 from zsadbench.registry import Archive, DatasetInfo, get_dataset
 from zsadbench.types import Dataset
 
@@ -438,6 +438,8 @@ def download(name: str, root: str | Path, *, cache: str | Path | None = None, ke
         fetched.append((archive, path, digest))
 
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in root.parent.glob(f".{root.name}.unpacking-*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.unpacking-", dir=root.parent))
     try:
         for archive, path, _ in fetched:
@@ -454,12 +456,13 @@ def download(name: str, root: str | Path, *, cache: str | Path | None = None, ke
                           "verified": a.sha256 is not None} for a, _, digest in fetched],
             "images": len(dataset),
         }
-        staged_fingerprint = dataset_fingerprint(dataset, progress=progress)
+        staged_fingerprint, hashes = fingerprint_and_hashes(dataset, cache=False, progress=progress)
         manifest["fingerprint"] = staged_fingerprint
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if root.is_dir():
             root.rmdir()  # empty (checked above)
         os.replace(staging, root)
+        remember_moved(hashes, staging, root)
     except OSError as exc:
         raise _disk_error(exc, f"unpacking into {staging}") from None
     finally:

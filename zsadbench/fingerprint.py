@@ -161,6 +161,12 @@ def fingerprint_text(dataset: Dataset, hashes: dict[Path, str]) -> str:
 def dataset_fingerprint(dataset: Dataset, *, workers: int | None = None, cache: HashCache | bool = True,
                         progress: bool = False) -> str:
     """Returns ``sha256:<hex>`` over the dataset's sorted relative paths, file hashes and sample records."""
+    return fingerprint_and_hashes(dataset, workers=workers, cache=cache, progress=progress)[0]
+
+
+def fingerprint_and_hashes(dataset: Dataset, *, workers: int | None = None, cache: HashCache | bool = True,
+                           progress: bool = False) -> tuple[str, dict[Path, str]]:
+    """Returns (the fingerprint, path -> SHA-256 of every file it covers)."""
     own_cache = cache is True
     store = HashCache() if cache is True else (cache or None)
     try:
@@ -169,7 +175,22 @@ def dataset_fingerprint(dataset: Dataset, *, workers: int | None = None, cache: 
     finally:
         if own_cache and store is not None:
             store.close()
-    return "sha256:" + hashlib.sha256(fingerprint_text(dataset, hashes).encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(fingerprint_text(dataset, hashes).encode()).hexdigest(), hashes
+
+
+def remember_moved(hashes: dict[Path, str], old_base: Path, new_base: Path) -> None:
+    """Stores in the hash cache the hashes of files moved from ``old_base`` to ``new_base`` (a rename keeps their
+    size and mtime), so the next fingerprint of the moved copy only stats them."""
+    old_base, rows = old_base.resolve(), []
+    for path, digest in hashes.items():
+        moved = new_base.resolve() / path.relative_to(old_base)
+        stat = moved.stat()
+        rows.append((moved, stat.st_size, stat.st_mtime_ns, digest))
+    store = HashCache()
+    try:
+        store.put_many(rows)
+    finally:
+        store.close()
 
 
 def short(fingerprint: str, length: int = 12) -> str:
