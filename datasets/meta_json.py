@@ -80,7 +80,8 @@ def load_meta(root: Path, name: str = "meta", domain: str = "industrial", mask_t
                    domain, f"meta.json at {file}")
 
 
-def _register_prepared(name: str, description: str, domain: str, mask_threshold: int = 0) -> None:
+def _register_prepared(name: str, description: str, domain: str, mask_threshold: int, source: str,
+                       license: str) -> None:
     """Registers a benchmark prepared with the ZSAD reference scripts (meta.json) or as an MVTec-style tree."""
     from zsadbench.datasets.mvtec import MVTEC_LAYOUT, load_tree_or_meta
 
@@ -88,22 +89,42 @@ def _register_prepared(name: str, description: str, domain: str, mask_threshold:
         return load_tree_or_meta(root, name, domain=domain, description=description, mask_threshold=mask_threshold)
 
     load.__doc__ = description
-    register_dataset(name, domain=domain, description=description, layout=MVTEC_LAYOUT)(load)
+    obtain = (f"1. Download the raw data: {source}.\n"
+              f"2. Either write meta.json with the matching script of zqhang/AnomalyCLIP generate_dataset_json/ "
+              f"(paths relative to the root or absolute), or use the pre-converted MVTec-style archive linked in "
+              f"caoyunkang/AdaCLIP README.md (Google Drive / Baidu).")
+    register_dataset(name, domain=domain, description=description, layout=MVTEC_LAYOUT, license=license,
+                     obtain=obtain)(load)
 
 
 # Benchmarks distributed in their own formats and prepared by AnomalyCLIP's generate_dataset_json scripts (meta.json)
 # or by AdaCLIP's converters (MVTec-style trees). JPEG masks (TN3K, Kvasir-SEG) are binarised at > 127.
-for _name, _description, _domain, _threshold in [
-    ("sdd", "KolektorSDD as prepared by AnomalyCLIP (SDD.py)", "industrial", 0),
-    ("dagm", "DAGM 2007 (10 textures; capitalised Train/Test keys)", "industrial", 0),
-    ("brainmri", "BrainMRI (image-level)", "medical", 0),
-    ("headct", "HeadCT (image-level)", "medical", 0),
-    ("br35h", "Br35H (image-level)", "medical", 0),
-    ("isic", "ISIC 2016 skin lesions (pixel-level)", "medical", 0),
-    ("clinicdb", "CVC-ClinicDB polyps (pixel-level)", "medical", 0),
-    ("colondb", "CVC-ColonDB polyps (pixel-level)", "medical", 0),
-    ("kvasir", "Kvasir-SEG polyps (pixel-level; JPEG masks at > 127)", "medical", 127),
-    ("endo", "EndoTect polyps (pixel-level)", "medical", 0),
-    ("tn3k", "TN3K thyroid nodules (pixel-level; JPEG masks at > 127)", "medical", 127),
+KAGGLE_TERMS = "Kaggle dataset terms (see its page)"
+for _name, _description, _domain, _threshold, _source, _license in [
+    ("sdd", "KolektorSDD as prepared by AnomalyCLIP (SDD.py)", "industrial", 0,
+     "KolektorSDD, https://go.vicos.si/kolektorsdd (KolektorSDD.zip; SHA-256 65dc621693418585de9c4467d1340ea7958a"
+     "6181816f0dc2883a1e8b61f9d4dc per openvinotoolkit/anomalib datamodules/image/kolektor.py)", "CC BY-NC-SA 4.0"),
+    ("dagm", "DAGM 2007 (10 textures; capitalised Train/Test keys)", "industrial", 0,
+     "Kaggle mhskjelvareid/dagm-2007-competition-dataset-optical-inspection", "unclear (competition data)"),
+    ("brainmri", "BrainMRI (image-level)", "medical", 0,
+     "Kaggle navoneel/brain-mri-images-for-brain-tumor-detection (brain_tumor_dataset/{yes,no})", KAGGLE_TERMS),
+    ("headct", "HeadCT (image-level)", "medical", 0,
+     "Kaggle felipekitamura/head-ct-hemorrhage (head_ct/*.png + labels.csv)", KAGGLE_TERMS),
+    ("br35h", "Br35H (image-level)", "medical", 0,
+     "Kaggle ahmedhamada0/brain-tumor-detection ({yes,no}; delete pred/)", KAGGLE_TERMS),
+    ("isic", "ISIC 2016 skin lesions (pixel-level)", "medical", 0,
+     "https://isic-challenge-data.s3.amazonaws.com/2016/ISBI2016_ISIC_Part1_Test_Data.zip and its ground truth",
+     "ISIC challenge terms"),
+    ("clinicdb", "CVC-ClinicDB polyps (pixel-level)", "medical", 0,
+     "the PraNet/Polyp-PVT polyp pack, figshare 21221579", "source dataset terms"),
+    ("colondb", "CVC-ColonDB polyps (pixel-level)", "medical", 0,
+     "the PraNet/Polyp-PVT polyp pack, figshare 21221579", "source dataset terms"),
+    ("kvasir", "Kvasir-SEG polyps (pixel-level; JPEG masks at > 127)", "medical", 127,
+     "the PraNet/Polyp-PVT polyp pack, figshare 21221579", "source dataset terms"),
+    ("endo", "EndoTect polyps (pixel-level)", "medical", 0,
+     "Google Drive file 1LNpLkv5ZlEUzr_RPN5rdOHaqk0SkZa3m (linked in zqhang/AnomalyCLIP README.md)",
+     "source dataset terms"),
+    ("tn3k", "TN3K thyroid nodules (pixel-level; JPEG masks at > 127)", "medical", 127,
+     "via haifangong/TRFE-Net-for-thyroid-nodule-segmentation (tn3k/test-image, test-mask)", "source dataset terms"),
 ]:
-    _register_prepared(_name, _description, _domain, _threshold)
+    _register_prepared(_name, _description, _domain, _threshold, _source, _license)

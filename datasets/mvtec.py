@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from zsadbench.data import DataError, DatasetLayoutError, DataWarning, list_images
-from zsadbench.registry import register_dataset
+from zsadbench.registry import Archive, register_dataset
 from zsadbench.types import Dataset, Sample
 
 MVTEC_LAYOUT = """\
@@ -119,13 +119,45 @@ def load_tree_or_meta(root: Path, dataset: str, *, domain: str = "industrial", d
     return Dataset(dataset, root, samples, domain, description)
 
 
-@register_dataset("mvtec", description="MVTec AD (15 industrial categories)", layout=MVTEC_LAYOUT)
+ANOMALIB = "openvinotoolkit/anomalib @ b7233686172e3485bfbe01272a8cd7a7e4576986"  # where the published hashes are
+
+# train, test good, test defective per category: Bergmann et al., IJCV 2021, Table 1 (totals 3,629 / 467 / 1,258)
+MVTEC_COUNTS = {
+    category: {"train": train, "test_normal": good, "test_anomalous": bad}
+    for category, train, good, bad in [
+        ("bottle", 209, 20, 63), ("cable", 224, 58, 92), ("capsule", 219, 23, 109), ("carpet", 280, 28, 89),
+        ("grid", 264, 21, 57), ("hazelnut", 391, 40, 70), ("leather", 245, 32, 92), ("metal_nut", 220, 22, 93),
+        ("pill", 267, 26, 141), ("screw", 320, 41, 119), ("tile", 230, 33, 84), ("toothbrush", 60, 12, 30),
+        ("transistor", 213, 60, 40), ("wood", 247, 19, 60), ("zipper", 240, 32, 119),
+    ]
+}
+MVTEC_COUNTS["total"] = {"train": 3629, "test_normal": 467, "test_anomalous": 1258}
+
+
+@register_dataset(
+    "mvtec", description="MVTec AD (15 industrial categories)", layout=MVTEC_LAYOUT,
+    license="CC BY-NC-SA 4.0 (readme.txt in the archive; commercial use by arrangement with MVTec)",
+    homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
+    archives=(Archive(
+        "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/420938113-1629960298/"
+        "mvtec_anomaly_detection.tar.xz",
+        "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+        f"{ANOMALIB} src/anomalib/data/datamodules/image/mvtecad.py DOWNLOAD_INFO",
+        mirrors=("https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
+                 "420938113-1629952094/mvtec_anomaly_detection.tar.xz",)),),
+    categories=tuple(c for c in MVTEC_COUNTS if c != "total"), counts=MVTEC_COUNTS,
+    counts_source="Bergmann et al., IJCV 2021, Table 1")
 def load_mvtec(root: Path) -> Dataset:
     """MVTec AD: 15 industrial categories, 3,629 train / 1,725 test images, pixel masks."""
     return load_tree_or_meta(root, "mvtec", description="MVTec AD")
 
 
-@register_dataset("mpdd", description="MPDD metal parts (6 categories)", layout=MVTEC_LAYOUT)
+@register_dataset(
+    "mpdd", description="MPDD metal parts (6 categories)", layout=MVTEC_LAYOUT,
+    license="not stated (stepanje/MPDD README gives none)", homepage="https://github.com/stepanje/MPDD",
+    obtain="Download MPDD from the SharePoint link in https://github.com/stepanje/MPDD (README.md) and unpack it; "
+           "its folders are already in the MVTec AD layout.",
+    categories=("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"))
 def load_mpdd(root: Path) -> Dataset:
     """MPDD: 6 metal-part categories in the MVTec AD layout."""
     return load_tree_or_meta(root, "mpdd", description="MPDD")
@@ -134,7 +166,14 @@ def load_mpdd(root: Path) -> Dataset:
 BTAD_LAYOUT = MVTEC_LAYOUT.replace("good", "ok").replace("{defect}", "ko").replace("{stem}_mask.png", "{stem}.png|.bmp")
 
 
-@register_dataset("btad", description="BTAD beanTech (3 categories; normal = ok, anomalous = ko)", layout=BTAD_LAYOUT)
+@register_dataset(
+    "btad", description="BTAD beanTech (3 categories; normal = ok, anomalous = ko)", layout=BTAD_LAYOUT,
+    license="conflicting: CC-BY-SA per the dataset README, CC BY-NC-SA per anomalib's docstring",
+    homepage="https://avires.dimi.uniud.it/papers/btad/btad.zip",
+    archives=(Archive("https://avires.dimi.uniud.it/papers/btad/btad.zip",
+                      "461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+                      f"{ANOMALIB} src/anomalib/data/datamodules/image/btech.py DOWNLOAD_INFO"),),
+    categories=("01", "02", "03"))
 def load_btad(root: Path) -> Dataset:
     """BTAD: products 01/02/03, normal folder ``ok``, masks with the image's stem (.png or .bmp)."""
     if (root / "BTech_Dataset_transformed").is_dir():  # the zip's top folder
@@ -143,7 +182,13 @@ def load_btad(root: Path) -> Dataset:
                              mask_suffixes=("", "_mask"))
 
 
-@register_dataset("dtd", description="DTD-Synthetic (12 textures)", layout=MVTEC_LAYOUT)
+@register_dataset(
+    "dtd", description="DTD-Synthetic (12 textures)", layout=MVTEC_LAYOUT,
+    license="unclear (derived from DTD)", homepage="https://github.com/zqhang/AnomalyCLIP",
+    obtain="Download DTD-Synthetic from the Google Drive folder 10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1 (linked in "
+           "zqhang/AnomalyCLIP README.md) and unpack it; its folders are in the MVTec AD layout.",
+    categories=("Blotchy_099", "Fibrous_183", "Marbled_078", "Matted_069", "Mesh_114", "Perforated_037",
+                "Stratified_154", "Woven_001", "Woven_068", "Woven_104", "Woven_125", "Woven_127"))
 def load_dtd(root: Path) -> Dataset:
     """DTD-Synthetic: 12 textures with synthetic defects in the MVTec AD layout."""
     return load_tree_or_meta(root, "dtd", description="DTD-Synthetic")

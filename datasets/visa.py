@@ -19,7 +19,7 @@ import csv
 from pathlib import Path
 
 from zsadbench.data import DataError, DatasetLayoutError
-from zsadbench.registry import register_dataset
+from zsadbench.registry import Archive, register_dataset
 from zsadbench.types import Dataset, Sample
 
 VISA_LAYOUT = """\
@@ -56,8 +56,28 @@ def read_split_csv(root: Path, csv_path: Path) -> list[Sample]:
     return samples
 
 
-@register_dataset("visa", description="VisA (12 industrial categories; raw 1cls split or converted)",
-                  layout=VISA_LAYOUT)
+# train normal, test normal, test anomalous per category, counted from split_csv/1cls.csv (amazon-science/spot-diff)
+VISA_COUNTS = {
+    category: {"train": train, "test_normal": good, "test_anomalous": bad}
+    for category, train, good, bad in [
+        ("candle", 900, 100, 100), ("capsules", 542, 60, 100), ("cashew", 450, 50, 100),
+        ("chewinggum", 453, 50, 100), ("fryum", 450, 50, 100), ("macaroni1", 900, 100, 100),
+        ("macaroni2", 900, 100, 100), ("pcb1", 904, 100, 100), ("pcb2", 901, 100, 100), ("pcb3", 905, 101, 100),
+        ("pcb4", 904, 101, 100), ("pipe_fryum", 450, 50, 100),
+    ]
+}
+VISA_COUNTS["total"] = {"train": 8659, "test_normal": 962, "test_anomalous": 1200}
+
+
+@register_dataset(
+    "visa", description="VisA (12 industrial categories; raw 1cls split or converted)", layout=VISA_LAYOUT,
+    license="CC BY 4.0 (amazon-science/spot-diff LICENSE-DATASET)", homepage="https://github.com/amazon-science/spot-diff",
+    archives=(Archive("https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+                      "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
+                      "openvinotoolkit/anomalib src/anomalib/data/datamodules/image/visa.py DOWNLOAD_INFO "
+                      "@ b7233686172e3485bfbe01272a8cd7a7e4576986"),),
+    categories=tuple(c for c in VISA_COUNTS if c != "total"), counts=VISA_COUNTS,
+    counts_source="split_csv/1cls.csv of amazon-science/spot-diff")
 def load_visa(root: Path) -> Dataset:
     """VisA: 12 categories, 1-class split 8,659 train / 2,162 test images, pixel masks."""
     from zsadbench.datasets.mvtec import find_categories, load_tree_or_meta

@@ -423,14 +423,63 @@ def _text_table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _add_datasets(sub: argparse._SubParsersAction) -> Handler:
-    sub.add_parser("datasets", help="list registered datasets")
+    p = sub.add_parser("datasets", help="list registered datasets: domain, categories, counts, license, how to get it")
+    p.add_argument("name", nargs="?", help="show one dataset in full (layout and the steps to obtain it)")
 
     def handle(args: argparse.Namespace) -> int:
-        from zsadbench.registry import list_datasets
+        from zsadbench.download import describe_dataset
+        from zsadbench.registry import get_dataset, list_datasets
 
-        rows = [(name, info.domain, info.description) for name, info in list_datasets().items()]
-        print(_text_table(["dataset", "domain", "description"], rows))
+        if args.name:
+            print(describe_dataset(get_dataset(args.name), full=True))
+            return 0
+        for info in list_datasets().values():
+            print(describe_dataset(info))
         return 0
+
+    return handle
+
+
+def _add_download(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("download", help="download, check (SHA-256) and unpack a dataset, or print how to get it",
+                       description="Download a dataset's published archives (resumable; verified against the "
+                                   "published SHA-256), unpack them atomically into --root and record the license, "
+                                   "hashes and fingerprint there. Gated or manual datasets: print the exact steps "
+                                   "and the folder layout, then check --root if it is already filled.")
+    p.add_argument("dataset", help="registered dataset name (see `zsadbench datasets`)")
+    p.add_argument("--root", required=True, help="the folder to create (what --data-root then points at)")
+    p.add_argument("--cache", help="where archives are downloaded (default: a hidden folder next to --root)")
+    p.add_argument("--keep-archives", action="store_true", help="keep the archives after unpacking")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.download import download
+
+        result = download(args.dataset, args.root, cache=args.cache, keep_archives=args.keep_archives)
+        return 0 if result.status in ("downloaded", "present", "manual-ok") else 1
+
+    return handle
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("verify", help="check a dataset copy: counts, masks, image/mask sizes, fingerprint",
+                       description="Read a dataset with its loader and report file counts per category and split, "
+                                   "anomalous images without masks, image/mask size mismatches, differences from "
+                                   "the published counts, and the dataset fingerprint that runs record. Exit "
+                                   "status 1 on any problem.")
+    p.add_argument("dataset", help="registered dataset name (see `zsadbench datasets`)")
+    p.add_argument("--root", help="the dataset's folder (not needed for `synthetic`)")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a loader option (as for `zsadbench run`); repeatable")
+    p.add_argument("--workers", type=int, help="hashing threads (default: 2 x CPUs, at most 16)")
+    p.add_argument("--no-fingerprint", action="store_true", help="skip hashing the files")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.download import verify
+
+        report = verify(args.dataset, args.root, workers=args.workers, fingerprint=not args.no_fingerprint,
+                        options=parse_assignments(args.dataset_option))
+        print(report.format())
+        return 0 if report.ok else 1
 
     return handle
 
@@ -512,8 +561,8 @@ def _add_sync(sub: argparse._SubParsersAction) -> Handler:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [
-    _add_run, _add_train, _add_predict, _add_evaluate, _add_methods, _add_datasets, _add_leaderboard, _add_check,
-    _add_sync]
+    _add_run, _add_train, _add_predict, _add_evaluate, _add_methods, _add_datasets, _add_download, _add_verify,
+    _add_leaderboard, _add_check, _add_sync]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

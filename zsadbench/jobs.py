@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from zsadbench.config import apply_overrides, to_dict
 from zsadbench.evaluation import CategoryResult, EvalOptions, EvaluationResult
+from zsadbench.fingerprint import registered_fingerprint
 from zsadbench.hashing import weights_id
 from zsadbench.metrics import MAD_RECIPES, metric_tags
 from zsadbench.paths import results_dir
@@ -245,6 +246,8 @@ def job_params(spec: JobSpec, detector: Detector, categories: list[str]) -> dict
     pretrained = getattr(detector.config, "pretrained", None)
     if pretrained is not None:
         params["weights"] = weights_id(pretrained)
+    # which exact files (all categories of the copy): cached file hashes make this a stat per file after the first run
+    params["dataset_fingerprint"] = registered_fingerprint(spec.dataset, spec.data_root, spec.dataset_options)
     if isinstance(spec, RunSpec):
         params |= {f"eval.{k}": v for k, v in asdict(spec.eval).items()}
         params |= {f"metric.{name}": tag for name, tag in metric_tags(spec.eval.aupro).items()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +36,29 @@ _discovered = False
 
 
 @dataclass(frozen=True)
+class Archive:
+    """One published archive of a dataset: where it is, its SHA-256 and where that hash was published."""
+
+    url: str
+    sha256: str | None  # None: no published hash; the download then records the one it computed
+    sha256_source: str  # where the hash comes from (e.g. "openvinotoolkit/anomalib ...@commit"), or why there is none
+    filename: str = ""  # the name to save it under, when the URL does not end in it
+    mirrors: tuple[str, ...] = ()  # other URLs serving the same bytes, tried in order when ``url`` fails
+    extract_to: str = ""  # sub-folder of the dataset root it unpacks into ("" = the root itself)
+
+    @property
+    def name(self) -> str:
+        """Returns the archive's file name."""
+        return self.filename or self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+# Known image counts: category (or "total") -> split/kind ("train", "test_normal", "test_anomalous", ...) -> count.
+Counts = Mapping[str, Mapping[str, int]]
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
-    """A registered dataset: its loader and what users need to know to point it at their copy."""
+    """A registered dataset: its loader and what users need to know to obtain it and point it at their copy."""
 
     name: str
     loader: Callable[..., Dataset]
@@ -45,6 +66,13 @@ class DatasetInfo:
     description: str = ""
     layout: str = ""  # the expected folder layout, quoted in errors about a wrong data root
     needs_root: bool = True
+    license: str = "not stated"
+    homepage: str = ""
+    obtain: str = ""  # how to get it by hand (gated or manual datasets: the exact steps)
+    archives: tuple[Archive, ...] = ()  # public direct downloads (`zsadbench download`)
+    categories: tuple[str, ...] = ()  # as distributed, when known
+    counts: Counts = field(default_factory=dict)
+    counts_source: str = ""  # where the known counts come from
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raises a ValueError naming any option the loader does not take (before anything is read or generated)."""
@@ -65,6 +93,11 @@ class DatasetInfo:
                              f"{self.layout}")
         return self.loader(None if root is None else Path(root).expanduser(), **options)
 
+    @property
+    def downloadable(self) -> bool:
+        """Returns whether `zsadbench download` fetches it (else it prints the steps to obtain it)."""
+        return bool(self.archives)
+
 
 def register_method(name: str) -> Callable[[type[Detector]], type[Detector]]:
     """Returns a class decorator that registers a Detector subclass under ``name``."""
@@ -80,12 +113,17 @@ def register_method(name: str) -> Callable[[type[Detector]], type[Detector]]:
 
 
 def register_dataset(name: str, *, domain: str = "industrial", description: str = "", layout: str = "",
-                     needs_root: bool = True) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
-    """Returns a decorator that registers a loader ``(root, **options) -> Dataset`` under ``name``."""
+                     needs_root: bool = True, license: str = "not stated", homepage: str = "", obtain: str = "",
+                     archives: tuple[Archive, ...] = (), categories: tuple[str, ...] = (),
+                     counts: Counts | None = None,
+                     counts_source: str = "") -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Returns a decorator that registers a loader ``(root, **options) -> Dataset`` under ``name``, with the
+    dataset's metadata (license, how to obtain it, published archives and hashes, known counts)."""
 
     def wrap(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
         info = DatasetInfo(name, loader, domain, description or (loader.__doc__ or "").strip().splitlines()[0],
-                           layout, needs_root)
+                           layout, needs_root, license, homepage, obtain, tuple(archives), tuple(categories),
+                           dict(counts or {}), counts_source)
         if name in _datasets and _datasets[name].loader is not loader:
             raise ValueError(f"dataset {name!r} is already registered by {_datasets[name].loader.__module__}")
         _datasets[name] = info
@@ -122,7 +160,7 @@ def _discover() -> None:
             continue
         info = getattr(obj, "dataset_info", None)
         if info is not None and info.name != ep.name:
-            info = DatasetInfo(ep.name, info.loader, info.domain, info.description, info.layout, info.needs_root)
+            info = replace(info, name=ep.name)
         _datasets[ep.name] = info or DatasetInfo(ep.name, obj, description=(obj.__doc__ or "").strip())
 
 

@@ -127,6 +127,7 @@ class Leaderboard:
                         "method_label": r.method_label, "row": row.label, "backbone": r.backbone,
                         "image_size": r.image_size, "weights": r.weights, "checkpoint": r.checkpoint, "shots": r.shots,
                         "aupro_variant": r.aupro_variant, "resolution": r.resolution, "run_id": r.run_id,
+                        "dataset_fingerprint": r.params.get("dataset_fingerprint", ""),
                         "started": r.start_time.isoformat()}
                 for category in [*board.categories, "mean"]:
                     for metric in METRICS:
@@ -432,15 +433,32 @@ def _category_table(board: DatasetBoard, metric: str) -> Table:
     return Table(header, body, bold, [False, *[True] * len(board.rows)])
 
 
+def _data_fingerprint(record: RunRecord) -> str:
+    return record.params.get("dataset_fingerprint", "").removeprefix("sha256:")[:12] or "not recorded"
+
+
 def _runs_table(board: DatasetBoard) -> Table:
     body = []
     for i, row in enumerate(board.rows):
         r = row.record
         body.append([f"{i + 1}. {row.label}", f"`{r.run_id}`", r.run_name, r.start_time.strftime("%Y-%m-%d %H:%M"),
-                     r.params.get("git_commit", "")[:12], row.selection.describe_choice()])
-    return Table(["Row", "Run", "Name", "Started (UTC)", "Commit", "Choice"], body,
+                     r.params.get("git_commit", "")[:12], f"`{_data_fingerprint(r)}`", row.selection.describe_choice()])
+    return Table(["Row", "Run", "Name", "Started (UTC)", "Commit", "Data", "Choice"], body,
                  caption="Each row uses the newest complete run of its setup (method, backbone, size, weights, "
-                         "checkpoint, shots, evaluation protocol, categories).")
+                         "checkpoint, shots, evaluation protocol, categories). Data: the dataset fingerprint (SHA-256 "
+                         "over the files and splits read; `zsadbench verify` prints it for a copy).")
+
+
+def _mixed_copies_warning(board: DatasetBoard) -> Text | None:
+    """Returns a warning when the rows of one table were measured on different copies of the dataset."""
+    by_copy: dict[str, list[str]] = {}
+    for i, row in enumerate(board.rows):
+        by_copy.setdefault(_data_fingerprint(row.record), []).append(str(i + 1))
+    if len(by_copy) < 2:
+        return None
+    groups = "; ".join(f"`{fp}`: rows {', '.join(rows)}" for fp, rows in by_copy.items())
+    return Text(f"**Warning: these rows were measured on different copies of {board.dataset}** (dataset fingerprints "
+                f"{groups}); their numbers are not directly comparable. See *Runs used*.")
 
 
 def _figures(board: DatasetBoard, out: Path) -> dict[str, str]:
@@ -495,6 +513,9 @@ def _dataset_blocks(board: DatasetBoard, figures: dict[str, str], board_all: Lea
                   f"{int((scored['label'] == 1).sum())} anomalous)")
     blocks.append(Text(f"{len(board.categories)} categories: {', '.join(board.categories)}{counts} · "
                        f"{len(board.rows)} rows."))
+    warning = _mixed_copies_warning(board)
+    if warning is not None:
+        blocks.append(warning)
     blocks.append(Heading(3, "Class means", f"{anchor(board.key)}-class-means"))
     blocks.append(_class_mean_table(board))
     keys = []
