@@ -11,12 +11,12 @@ import mlflow
 import numpy as np
 import pytest
 from conftest import box_mask, noise_image, write_image
-from zsadbench.runner import RunSpec, run
 
 import zsadbench
 from zsadbench import fingerprint
 from zsadbench.evaluation import EvalOptions
 from zsadbench.fingerprint import HashCache, dataset_fingerprint, file_sha256, hash_files
+from zsadbench.jobs import RunSpec, run
 from zsadbench.report import build_leaderboard, write_leaderboard
 
 SMALL = {"image_size": "48", "n_train": "2", "n_test_normal": "3", "n_test_anomalous": "3",
@@ -99,7 +99,8 @@ def test_runs_record_the_fingerprint_and_the_leaderboard_flags_mixed_copies(
     for method, root in (("test-colour", copy_a), ("test-mutual", copy_b)):
         spec = RunSpec(method=method, dataset="synthetic", data_root=str(root), dataset_options=dict(SMALL),
                        eval=EvalOptions(overlays=0))
-        run_ids.append(run(spec, progress=False)[0])
+        outcome = run(spec, progress=False)
+        run_ids.append(outcome.run_id)
     mlflow.set_tracking_uri(f"sqlite:///{isolated_results / 'mlflow.db'}")
     recorded = {r: mlflow.get_run(r).data.params["dataset_fingerprint"] for r in run_ids}
     expected_a = verify("synthetic", copy_a, options=dict(SMALL), progress=False).fingerprint
