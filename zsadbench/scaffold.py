@@ -141,7 +141,6 @@ from __future__ import annotations
 import zsadbench
 import zsadbench.testing
 from zsadbench.regression import check, format_report
-
 from {package}.detector import {cls}
 
 
