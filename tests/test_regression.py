@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from detectors import ColourDistance, MutualColour
 
 from zsadbench import registry
 from zsadbench.cli import main
-from zsadbench.regression import BENCHMARK, check, summarise_map
+from zsadbench.regression import (
+    BENCHMARK,
+    VERSIONED_DISTRIBUTIONS,
+    builtin_goldens,
+    check,
+    goldens_location,
+    summarise_map,
+)
 from zsadbench.types import Prediction
 
 
@@ -26,12 +34,24 @@ def perturbed(change) -> type:
     return Perturbed
 
 
-@pytest.fixture
-def goldens(tmp_path: Path, test_methods) -> Path:
-    """Goldens of the test detectors, created through the command line."""
-    folder = tmp_path / "goldens"
-    assert main(["check", "--method", "test-colour,test-mutual", "--update", "--goldens", str(folder)]) == 0
+@pytest.fixture(scope="module")
+def golden_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Goldens of the test detectors, created once through the command line (with its conditioning probe)."""
+    folder = tmp_path_factory.mktemp("golden-template") / "goldens"
+    registry._discover()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZSADBENCH_RESULTS", str(folder.parent / "results"))
+        for name, cls in {"test-colour": ColourDistance, "test-mutual": MutualColour}.items():
+            patch.setitem(registry._methods, name, cls)
+            patch.setattr(cls, "name", name)
+        assert main(["check", "--method", "test-colour,test-mutual", "--update", "--goldens", str(folder)]) == 0
     return folder
+
+
+@pytest.fixture
+def goldens(tmp_path: Path, test_methods, golden_template: Path) -> Path:
+    """A fresh copy of the test detectors' goldens."""
+    return Path(shutil.copytree(golden_template, tmp_path / "goldens"))
 
 
 def use(name: str, cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,9 +126,86 @@ def test_method_without_configuration_or_golden_fails_with_instructions(tmp_path
     assert 'regression_variants = {"zero-shot": {"image_size": 64}}' in out
     assert "zsadbench check --method test-mutual --update" in out
     assert "note: test-mutual.zero-shot.json: no registered method declares this variant" in out
+    # a folder without the file: says which file, and asks to restore rather than re-create an existing golden
+    (tmp_path / "empty").mkdir()
     assert main(["check", "--method", "test-colour", "--goldens", str(tmp_path / "empty")]) == 1
-    assert ("no golden for test-colour.zero-shot" in (out := capsys.readouterr().out)
-            and "Create it with `zsadbench check --method test-colour --update`" in out)
+    out = capsys.readouterr().out
+    assert f"no golden for test-colour.zero-shot: {tmp_path / 'empty' / 'test-colour.zero-shot.json'} does not " \
+           "exist (its folder does)" in out
+    assert "restore that file" in out and "passes whatever that code does" in out
+
+
+def test_missing_goldens_folder_says_where_it_looked_and_never_suggests_update(tmp_path: Path, test_methods,
+                                                                              capsys) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["check", "--method", "test-colour", "--goldens", str(missing)]) == 1
+    out = capsys.readouterr().out
+    assert f"no goldens for test-colour: the folder {missing} does not exist" in out
+    assert "the folder given with --goldens" in out and "--update" not in out
+    assert not missing.exists()
+    # a plugin's default folder (next to its module; tests/goldens does not exist) is named the same way
+    assert main(["check", "--method", "test-colour"]) == 1
+    out = capsys.readouterr().out
+    assert f"the folder {Path(__file__).parent / 'goldens'} does not exist" in out
+    assert "a 'goldens' folder next to detectors" in out and "--update" not in out
+
+
+def test_goldens_location() -> None:
+    from zsadbench.registry import get_method
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("winclip", "musc"):
+        folder, origin = goldens_location(get_method(name))
+        assert folder == builtin_goldens() == repo / "results" / "regression" and "shipped with zsadbench" in origin
+    assert goldens_location(ColourDistance)[0] == Path(__file__).parent / "goldens"
+
+    class Declared(ColourDistance):
+        regression_goldens = "my_goldens"
+
+    folder, origin = goldens_location(Declared)
+    assert folder == Path(__file__).parent / "my_goldens" and origin.endswith("Declared.regression_goldens")
+
+
+def test_committed_goldens_record_every_version_that_affects_them() -> None:
+    files = sorted(builtin_goldens().glob("*.json"))
+    assert len(files) == 8
+    for path in files:
+        recorded = json.loads(path.read_text())["verified_with"]
+        assert set(VERSIONED_DISTRIBUTIONS) | {"python", "platform"} <= set(recorded), path.name
+        assert all(recorded[name] != "not installed" for name in ("torch", "numpy", "timm", "open_clip_torch"))
+
+
+def test_updated_golden_records_versions(goldens: Path) -> None:
+    golden = json.loads((goldens / "test-colour.zero-shot.json").read_text())
+    assert golden["created_with"] == golden["verified_with"]
+    assert {"torch", "numpy", "timm", "open_clip_torch", "pillow", "scipy"} <= set(golden["verified_with"])
+
+
+def test_update_refuses_an_ill_conditioned_variant(tmp_path: Path, test_methods, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys) -> None:
+    # image scores that swing with the 8th digit of the input: a golden of them would not reproduce elsewhere
+    use("test-colour", perturbed(lambda s, m: (torch.sin(s.double() * 1e9), m)), monkeypatch)
+    folder = tmp_path / "goldens"
+    assert main(["check", "--method", "test-colour", "--update", "--goldens", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "not written: test-colour.zero-shot is ill-conditioned" in out and "image score" in out
+    assert not list(folder.glob("*.json"))
+
+
+def test_check_builds_detectors_through_the_registry(goldens: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zsadbench
+
+    built = []
+    original = zsadbench.load_method
+
+    def recording(name, **config):
+        built.append((name, config))
+        return original(name, **config)
+
+    monkeypatch.setattr(zsadbench, "load_method", recording)
+    assert not check(["test-colour"], goldens=goldens, progress=False).failed
+    assert built == [("test-colour", {"seed": 0, "image_size": 32}),
+                     ("test-colour", {"seed": 0, "image_size": 32, "shots": 1})]
 
 
 def test_changed_regression_setup_asks_for_an_update(goldens: Path, monkeypatch: pytest.MonkeyPatch) -> None:

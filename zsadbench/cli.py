@@ -565,6 +565,32 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [
     _add_leaderboard, _add_check, _add_sync]
 
 
+def _add_new_method(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("new-method", help="write a method plugin package skeleton (entry point, tests, goldens)",
+                       description="Write zsadbench-NAME/: a pyproject with the zsadbench.methods entry point, a "
+                                   "detector module with a typed config and a simple working method, tests running "
+                                   "the conformance suite (zsadbench.testing) and the regression check, and its "
+                                   "goldens, created by running the check.")
+    p.add_argument("name", help="registry name of the new method (lower case, words joined by '-' or '_')")
+    p.add_argument("--out", default=".", metavar="DIR", help="folder to write zsadbench-NAME/ into (default: .)")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.scaffold import new_method
+
+        made = new_method(args.name, args.out)
+        root = made["root"]
+        for path in made["files"]:
+            print(f"wrote {path.relative_to(root.parent)}")
+        print(f"\nnext: pip install -e {root} && python -m pytest {root / 'tests'} && "
+              f"zsadbench check --method {made['name']}")
+        return 0
+
+    return handle
+
+
+COMMANDS.append(_add_new_method)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     """Returns the argument parser and the handler of each subcommand."""
     parser = argparse.ArgumentParser(prog="zsadbench", description="Benchmark harness for zero-shot anomaly detection")

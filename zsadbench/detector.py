@@ -41,12 +41,15 @@ class Detector(abc.ABC):
     Config: ClassVar[type]  # the method's config dataclass
     transductive: ClassVar[bool] = False
     # `zsadbench check` (zsadbench/regression.py): per variant to guard ("zero-shot", "1-shot", ...), the config
-    # overrides that select a tiny seeded backbone and a small input size. Goldens: results/regression/
-    # <method>.<variant>.json, created with `zsadbench check --method NAME --update`. Empty: check fails and says so.
+    # overrides that select a tiny seeded backbone and a small input size. Goldens: <method>.<variant>.json in the
+    # method's goldens folder, created with `zsadbench check --method NAME --update`. Empty: check fails and says so.
     regression_variants: ClassVar[dict[str, dict[str, Any]]] = {}
     # Named configurations (`--preset NAME`): config overrides, e.g. "smoke", a tiny seeded random backbone at a small
     # input size that runs in seconds on a CPU (listed by `zsadbench methods`).
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The goldens folder of a plugin (relative to its module's folder; ship it as package data). None: built-in
+    # methods use zsadbench's own goldens (results/regression/), a plugin a `goldens` folder next to its module.
+    regression_goldens: ClassVar[str | None] = None
     # Per-metric tolerances that replace the defaults of zsadbench.regression.DEFAULT_TOLERANCES for this method.
     regression_tolerances: ClassVar[dict[str, dict[str, float]]] = {}
 

@@ -7,8 +7,17 @@ Each method declares, on its detector class, the variants to guard and the confi
         regression_variants = {"zero-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random",
                                              "image_size": 80}}
 
-The check runs each variant, seeded, on a fixed small synthetic benchmark (:data:`BENCHMARK`) through the normal
-evaluator and compares with ``results/regression/<method>.<variant>.json``:
+The check builds each variant through the registry (:func:`zsadbench.load_method`), runs it, seeded, on a fixed small
+synthetic benchmark (:data:`BENCHMARK`) through the normal evaluator and compares with ``<method>.<variant>.json`` in
+the method's goldens folder (:func:`goldens_location`), found wherever the command runs:
+
+- built-in methods: the goldens that ship with zsadbench (``results/regression/`` of the source tree, packaged as
+  ``zsadbench/goldens/`` in a wheel);
+- a plugin: the folder its class names in ``regression_goldens`` (relative to its module's folder), by default a
+  ``goldens`` folder next to its module (ship it as package data);
+- ``--goldens DIR``: one folder for every checked method.
+
+What a golden holds:
 
 - every metric of every category and the class means;
 - every image's score and a summary of its anomaly map (shape, mean, std, min, max, three quantiles, and the means of
@@ -17,8 +26,15 @@ evaluator and compares with ``results/regression/<method>.<variant>.json``:
 
 Each quantity has a tolerance (:data:`DEFAULT_TOLERANCES`, overridable per method with ``regression_tolerances``);
 ``|observed - golden| <= atol + rtol * |golden|``. The tolerances are written into the golden file, so a reviewer
-sees them next to the numbers. ``--update`` (re)writes goldens; without goldens, or without a declared configuration,
-a method fails with a message that says what to do.
+sees them next to the numbers, and so are the versions of every package that affects the numbers (``verified_with``).
+
+Goldens must reproduce on any machine and thread count, so ``--update`` refuses to write a golden of an
+ill-conditioned variant: it runs the variant a second time with every preprocessed input value scaled by
+``1 +`` :data:`PROBE_PERTURBATION` (far above float noise between machines, far below any real change) and requires
+its image scores and map summaries to agree with the first run's within the tolerances. A variant whose discrete
+choices (a top-k or arg-max over near-tied features) flip under that perturbation would flip between BLAS builds too.
+The probe is a guard, not a proof: a choice among ties that no input scaling moves is not caught. Without goldens, or
+without a declared configuration, a method fails with a message that says what is missing and where it looked.
 """
 
 from __future__ import annotations
@@ -26,7 +42,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
+import random
 import re
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -35,12 +54,14 @@ from typing import Any
 
 import numpy as np
 
-from zsadbench.paths import results_dir
-
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 SEED = 0
+# --update's conditioning probe: relative size of the input perturbation (BLAS / thread-count noise is ~1e-7)
+PROBE_PERTURBATION = 1e-5
+# the distributions whose versions can change a golden's numbers (recorded in each golden's ``verified_with``)
+VERSIONED_DISTRIBUTIONS = ("zsadbench", "torch", "numpy", "scipy", "pillow", "timm", "open_clip_torch")
 # The fixed benchmark: 3 categories (texture, object, medical) x 8 test images (4 anomalous with masks) at 64 px,
 # 2 normal training images for few-shot variants. Small enough that all methods together run in about a minute.
 BENCHMARK: dict[str, Any] = {"image_size": 64, "n_train": 2, "n_test_normal": 4, "n_test_anomalous": 4,
@@ -60,9 +81,26 @@ _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]")
 
 
-def default_goldens() -> Path:
-    """Returns the goldens folder: ``results/regression`` of the results folder (the checkout's when run there)."""
-    return results_dir() / "regression"
+def builtin_goldens() -> Path:
+    """Returns the built-in methods' goldens: packaged in ``zsadbench/goldens``, else the source tree's folder."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "goldens"  # a wheel: results/regression installed as package data
+    return packaged if packaged.is_dir() else package.parent / "results" / "regression"
+
+
+def goldens_location(cls: type) -> tuple[Path, str]:
+    """Returns a method's goldens folder and where that choice comes from (quoted in errors)."""
+    module = sys.modules.get(cls.__module__)
+    module_file = getattr(module, "__file__", None)
+    module_dir = Path(module_file).resolve().parent if module_file else Path.cwd()
+    declared = getattr(cls, "regression_goldens", None)
+    if declared:
+        folder = Path(declared).expanduser()
+        return (folder if folder.is_absolute() else module_dir / folder), f"{cls.__qualname__}.regression_goldens"
+    if cls.__module__ == "zsadbench" or cls.__module__.startswith("zsadbench."):
+        return builtin_goldens(), "the goldens shipped with zsadbench"
+    return module_dir / "goldens", (f"the default for a plugin: a 'goldens' folder next to {cls.__module__}; set "
+                                    f"{cls.__qualname__}.regression_goldens to use another")
 
 
 def golden_path(folder: Path, method: str, variant: str) -> Path:
@@ -99,20 +137,58 @@ def _json_value(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def versions(cls: type | None = None) -> dict[str, str]:
+    """Returns the Python, platform and package versions that can change a golden (plus the plugin's own package)."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    names = list(VERSIONED_DISTRIBUTIONS)
+    if cls is not None:
+        names += [d for d in packages_distributions().get(cls.__module__.split(".")[0], []) if d not in names]
+    out = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _perturb(transform: Any, relative: float) -> Any:
+    """Returns ``transform`` followed by a scaling of every value by ``1 + relative`` (the conditioning probe).
+
+    A uniform scale moves every activation of a network by about ``relative`` but keeps exact ties of equal inputs
+    (equal pixel values of quantised images stay equal, as they do on every machine), so it flags only outputs that
+    hinge on float noise.
+    """
+
+    def perturbed(image: Any) -> Any:
+        tensor = transform(image)
+        return tensor * (1 + relative)
+
+    return perturbed
+
+
 def observe(method: str, overrides: dict[str, Any], benchmark: dict[str, Any] | None = None,
-            seed: int = SEED) -> dict[str, Any]:
-    """Returns what a golden holds for one configuration: per-category metrics, class means, per-image summaries."""
+            seed: int = SEED, perturbation: float = 0.0) -> dict[str, Any]:
+    """Returns what a golden holds for one configuration: per-category metrics, class means, per-image summaries.
+
+    The detector is built through the registry like everywhere else (:func:`zsadbench.load_method`). A non-zero
+    ``perturbation`` moves every preprocessed input value by up to that relative amount (the conditioning probe).
+    """
     import torch
 
+    import zsadbench
     from zsadbench.datasets.synthetic import load_synthetic
     from zsadbench.evaluation import EvalOptions, evaluate
-    from zsadbench.registry import get_method
-    from zsadbench.seeding import seed_everything
 
     benchmark = dict(BENCHMARK if benchmark is None else benchmark)
     dataset = load_synthetic(None, **benchmark)
-    seed_everything(seed)
-    detector = get_method(method)(seed=seed, **overrides)
+    random.seed(seed)  # as a run seeds itself (the check stays independent of the job layer)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    detector = zsadbench.load_method(method, seed=seed, **overrides)
+    if perturbation:
+        detector.transform = _perturb(detector.transform, perturbation)  # type: ignore[method-assign]
     images: dict[str, dict[str, Any]] = {}
 
     def record(samples: list, scores: np.ndarray, maps: torch.Tensor) -> None:
@@ -237,9 +313,17 @@ def undeclared_message(name: str, cls: type) -> str:
             f"and commit results/regression/{name}.<variant>.json.")
 
 
+def _missing_folder_message(name: str, folder: Path, origin: str) -> str:
+    return (f"no goldens for {name}: the folder {folder} does not exist (looked there because it is {origin}). "
+            "Goldens ship with the method; a missing folder means an incomplete installation or checkout, or a "
+            "wrong --goldens, not goldens to create.")
+
+
 def _missing_golden_message(name: str, variant: str, path: Path) -> str:
-    return (f"no golden for {name}.{variant} ({path}). Create it with `zsadbench check --method {name} --update`, "
-            "look at the numbers, and commit the file.")
+    return (f"no golden for {name}.{variant}: {path} does not exist (its folder does). If the variant is new, its "
+            f"golden is made once from the reviewed implementation (`zsadbench check --method {name} --update`, "
+            "which refuses ill-conditioned variants) and committed with it; if it existed before, restore that file: "
+            "a golden re-created from the code under test passes whatever that code does.")
 
 
 def _tolerances(cls: type) -> dict[str, dict[str, float]]:
@@ -253,7 +337,7 @@ def _tolerances(cls: type) -> dict[str, dict[str, float]]:
 
 
 def check_variant(name: str, cls: type, variant: str, overrides: dict[str, Any], folder: Path,
-                  update: bool = False) -> VariantResult:
+                  update: bool = False, origin: str = "the folder given") -> VariantResult:
     """Returns the outcome of running one variant and comparing it with (or writing) its golden."""
     start = time.perf_counter()
     path = golden_path(folder, name, variant)
@@ -262,6 +346,8 @@ def check_variant(name: str, cls: type, variant: str, overrides: dict[str, Any],
                              "regression_variants must be letters, digits, '-' or '_' (it names the golden file)")
     golden = None
     if not update:
+        if not folder.is_dir():
+            return VariantResult(name, variant, "failed", _missing_folder_message(name, folder, origin))
         if not path.is_file():
             return VariantResult(name, variant, "failed", _missing_golden_message(name, variant, path))
         golden = json.loads(path.read_text())
@@ -284,24 +370,47 @@ def check_variant(name: str, cls: type, variant: str, overrides: dict[str, Any],
         where = f" at {Path(last.filename).name}:{last.lineno}" if last else ""
         return VariantResult(name, variant, "failed", f"running {name}.{variant} with {overrides} raised "
                              f"{type(exc).__name__}{where}: {exc}", seconds=time.perf_counter() - start)
-    seconds = time.perf_counter() - start
     if update:
+        content = {"format": FORMAT, "method": name, "variant": variant, "overrides": _json_value(overrides),
+                   "benchmark": BENCHMARK, "seed": SEED, "tolerances": tolerances, **observed}
+        try:
+            probed = observe(name, overrides, perturbation=PROBE_PERTURBATION)
+        except Exception as exc:
+            return VariantResult(name, variant, "failed", f"the conditioning probe of {name}.{variant} raised "
+                                 f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
+        # scores and maps only: the metrics are functions of them, and the probe breaks exact ties of quantised inputs
+        # (equal colours) that every machine reproduces, which can move a rank metric by a whole pair
+        unstable, compared = compare({**content, "metrics": {}}, {**probed, "metrics": {}})
+        if unstable:
+            return VariantResult(
+                name, variant, "failed",
+                f"not written: {name}.{variant} is ill-conditioned. Moving every input value by a relative "
+                f"{PROBE_PERTURBATION:g} moved {len(unstable)} of {compared} values beyond tolerance, so a golden "
+                "would not reproduce on another machine or thread count. Usual causes at a tiny random model: near-"
+                "tied scores or features feeding a top-k / arg-max / rank. Change the variant's overrides (seed, size, "
+                "backbone settings) until the probe passes.", unstable, compared, time.perf_counter() - start)
         from zsadbench.tracking import environment
 
-        env = environment()
-        content = {"format": FORMAT, "method": name, "variant": variant, "overrides": _json_value(overrides),
-                   "benchmark": BENCHMARK, "seed": SEED, "tolerances": tolerances,
-                   "created_with": {k: env[k] for k in ("version.zsadbench", "version.torch", "version.numpy",
-                                                         "git_commit") if k in env},
-                   **observed}
+        commit = environment().get("git_commit", "unknown")
+        stamp = {**versions(cls), "git_commit": commit}
+        content = {**{k: v for k, v in content.items() if k not in observed}, "created_with": stamp,
+                   "verified_with": stamp, **observed}
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(_dumps(content))
-        return VariantResult(name, variant, "updated", f"wrote {path}", seconds=seconds)
+        return VariantResult(name, variant, "updated", f"wrote {path} (conditioning probe: {compared} values stable)",
+                             seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
     assert golden is not None
     mismatches, compared = compare(golden, observed)
     status = "failed" if mismatches else "ok"
     message = (f"{len(mismatches)} of {compared} values outside tolerance" if mismatches
                else f"{compared} values within tolerance")
+    if mismatches:
+        recorded = golden.get("verified_with") or golden.get("created_with") or {}
+        current = versions(cls)
+        differ = [f"{k} {recorded[k]} -> {current[k]}" for k in current if k in recorded and recorded[k] != current[k]]
+        if differ:
+            message += f" (versions differ from the golden's: {', '.join(differ)})"
     return VariantResult(name, variant, status, message, mismatches, compared, seconds)
 
 
@@ -311,7 +420,7 @@ class CheckReport:
 
     results: list[VariantResult]
     notes: list[str] = field(default_factory=list)
-    folder: Path = field(default_factory=default_goldens)
+    folders: dict[str, Path] = field(default_factory=dict)  # method -> the goldens folder it was checked against
 
     @property
     def failed(self) -> bool:
@@ -321,16 +430,23 @@ class CheckReport:
 
 def check(methods: list[str] | None = None, update: bool = False, goldens: str | Path | None = None,
           progress: bool = True) -> CheckReport:
-    """Returns the outcome of checking (or, with ``update``, re-creating the goldens of) the given or all methods."""
+    """Returns the outcome of checking (or, with ``update``, re-creating the goldens of) the given or all methods.
+
+    Each method is compared with the goldens of :func:`goldens_location`, or all with ``goldens`` when given.
+    """
     from tqdm.auto import tqdm
 
     from zsadbench.registry import get_method, list_methods
 
-    folder = Path(goldens) if goldens is not None else default_goldens()
+    override = Path(goldens).expanduser() if goldens is not None else None
     registered = list_methods()
     names = list(dict.fromkeys(methods)) if methods else list(registered)
     classes = {name: get_method(name) for name in names}  # unknown names raise, listing the registered ones
-    report = CheckReport([], folder=folder)
+
+    def location(cls: type) -> tuple[Path, str]:
+        return (override, "the folder given with --goldens") if override is not None else goldens_location(cls)
+
+    report = CheckReport([], folders={name: location(cls)[0] for name, cls in classes.items()})
     todo: list[tuple[str, type, str, dict[str, Any]]] = []
     for name, cls in classes.items():
         declared = getattr(cls, "regression_variants", None) or {}
@@ -340,20 +456,25 @@ def check(methods: list[str] | None = None, update: bool = False, goldens: str |
     bar = tqdm(todo, desc="regression check", unit="variant", disable=not progress or not todo)
     for name, cls, variant, overrides in bar:
         bar.set_postfix_str(f"{name}.{variant}")
-        report.results.append(check_variant(name, cls, variant, overrides, folder, update))
-    if not methods and folder.is_dir():
-        declared_files = {golden_path(folder, n, v).name for n, c in classes.items()
-                          for v in (getattr(c, "regression_variants", None) or {})}
-        for orphan in sorted(p.name for p in folder.glob("*.json") if p.name not in declared_files):
-            report.notes.append(f"{orphan}: no registered method declares this variant (stale golden? remove it)")
+        folder, origin = location(cls)
+        report.results.append(check_variant(name, cls, variant, overrides, folder, update, origin))
+    if not methods:  # a full check also reports goldens that no registered method declares any more
+        for folder in sorted(set(report.folders.values())):
+            if not folder.is_dir():
+                continue
+            declared_files = {golden_path(folder, n, v).name for n, c in registered.items()
+                              if override is not None or goldens_location(c)[0] == folder
+                              for v in (getattr(c, "regression_variants", None) or {})}
+            for orphan in sorted(p.name for p in folder.glob("*.json") if p.name not in declared_files):
+                report.notes.append(f"{orphan}: no registered method declares this variant (stale golden? remove it "
+                                    f"from {folder})")
     return report
 
 
 def format_report(report: CheckReport, limit: int = 8) -> str:
     """Returns the check's outcome as text for the terminal."""
     if not report.results:
-        return ("zsadbench check: no registered methods, nothing was checked "
-                f"(goldens folder: {report.folder})")
+        return "zsadbench check: no registered methods, nothing was checked"
     lines = []
     for r in report.results:
         label = f"{r.method}.{r.variant}" if r.variant != "-" else r.method
@@ -369,5 +490,6 @@ def format_report(report: CheckReport, limit: int = 8) -> str:
     summary = (f"{len(failed)} of {len(report.results)} variants failed" if failed
                else f"all {len(report.results)} variants of {len(checked)} methods passed"
                if any(r.status == "ok" for r in report.results) else f"{len(report.results)} goldens written")
-    lines.append(f"zsadbench check: {summary} (goldens: {report.folder})")
+    folders = ", ".join(str(f) for f in dict.fromkeys(report.folders.values()))
+    lines.append(f"zsadbench check: {summary} (goldens: {folders})")
     return "\n".join(lines)
