@@ -76,7 +76,7 @@ class AdaptCLIPConfig:
     pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
     image_size: int = 518
     pos_embed_mode: str = "bilinear"
-    activation: str = "auto"
+    activation: str = "auto"  # "auto" = the reference's: QuickGELU always (its OpenAI CLIP code hard-codes it)
     vv_start_layer: int = 6  # DPAM_layer=20 of 24
     feature_layers: tuple[int, ...] = (6, 12, 18, 24)  # PQA layers; the VA and TA use the last one
     class_word: str = "object"  # the static text's class word (never the category name)

@@ -66,7 +66,7 @@ class AnomalyCLIPConfig:
     pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
     image_size: int = 518
     pos_embed_mode: str = "bilinear"  # the reference's F.interpolate(mode="bilinear") of the 24×24 grid
-    activation: str = "auto"  # "auto" follows the weights: QuickGELU for OpenAI's (open_clip >= 3 would build GELU)
+    activation: str = "auto"  # "auto" = the reference's: QuickGELU always (its OpenAI CLIP code hard-codes it)
     vv_start_layer: int = 6  # first V-V (DPAM) block: DPAM_layer=20 replaces blocks -1..-19 of 24
     feature_layers: tuple[int, ...] = (24,)  # V-V layers whose maps are summed; 24 only (see the module docstring)
     n_ctx: int = 12  # learnable context vectors per prompt ("Prompt_length")

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
-from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.backbone import ActivationRule, load_clip, reference_activation
 from zsadbench.detector import Detector, Trainable
 from zsadbench.tracking import file_sha256
 from zsadbench.transforms import ClipTransform
@@ -34,12 +34,17 @@ class LearnedPartsDetector(Detector, Trainable):
     """A detector over a frozen dual-path CLIP whose learned parts (prompts, adapters, head weights) are trained."""
 
     learned_parts: ClassVar[str] = "prompts"  # what the parts are called in warnings and in the run's parameters
+    # ``activation="auto"`` runs what the reference runs: AnomalyCLIP's and AdaptCLIP's copies of OpenAI's CLIP code
+    # hard-code QuickGELU, whatever the weights (tag, TorchScript archive, plain file) and the input size
+    activation_rule: ClassVar[ActivationRule] = "openai_clip"
 
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
         cfg = self.config
+        activation = cfg.activation if cfg.activation != "auto" else reference_activation(
+            self.activation_rule, cfg.model, cfg.pretrained, cfg.image_size)
         self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation, seed=seed)
+                                  pos_embed_mode=cfg.pos_embed_mode, activation=activation, seed=seed)
         self.clip = self.backbone.model
         depth = len(self.clip.visual.transformer.resblocks)
         bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
