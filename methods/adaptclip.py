@@ -189,6 +189,7 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
 
     label = "AdaptCLIP"
     Config = AdaptCLIPConfig
+    reference_checkpoint_entries = ("textual_learner", "visual_learner", "pq_learner")  # train.py saves these only
     learned_parts = "adapters"
     # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path
     regression_variants = {

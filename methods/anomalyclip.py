@@ -86,6 +86,7 @@ class AnomalyCLIP(LearnedPartsDetector):
 
     label = "AnomalyCLIP"
     Config = AnomalyCLIPConfig
+    reference_checkpoint_entries = ("prompt_learner",)  # train.py saves nothing else
     # untrained prompts on a tiny seeded backbone: guards the whole inference path (DPAM, prompts, scoring, smoothing)
     regression_variants = {"zero-shot": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random",
                                          "image_size": 56}}

@@ -37,6 +37,8 @@ class LearnedPartsDetector(Detector, Trainable):
     # ``activation="auto"`` runs what the reference runs: AnomalyCLIP's and AdaptCLIP's copies of OpenAI's CLIP code
     # hard-code QuickGELU, whatever the weights (tag, TorchScript archive, plain file) and the input size
     activation_rule: ClassVar[ActivationRule] = "openai_clip"
+    # top-level entries of a checkpoint in the authors' released layout; any other entry is named in a warning
+    reference_checkpoint_entries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
@@ -142,11 +144,20 @@ class LearnedPartsDetector(Detector, Trainable):
         """Loads a checkpoint in the authors' released layout."""
         raise CheckpointError(f"checkpoint {path}: {self.name} reads no layout of the authors'")
 
+    def warn_unknown_entries(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        """Warns, naming them, about top-level entries of an authors'-layout checkpoint that nothing reads."""
+        unknown = sorted(map(str, set(checkpoint) - set(self.reference_checkpoint_entries)))
+        if self.reference_checkpoint_entries and unknown:
+            warnings.warn(f"checkpoint {path}: ignoring unknown top-level entr{'ies' if len(unknown) > 1 else 'y'} "
+                          f"{', '.join(map(repr, unknown))} (the authors' {self.name} layout holds "
+                          f"{', '.join(map(repr, self.reference_checkpoint_entries))})", UserWarning, stacklevel=4)
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Loads a zsadbench checkpoint or one in the authors' released layout; errors name the file and the keys."""
         checkpoint = read_checkpoint(path)
         try:
             if self.is_reference_checkpoint(checkpoint):
+                self.warn_unknown_entries(checkpoint, path)
                 self.load_reference_checkpoint(checkpoint, path)
             else:
                 self.load_state_dict(unwrap_checkpoint(checkpoint, self.name, path))
