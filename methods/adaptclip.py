@@ -1,7 +1,7 @@
 """AdaptCLIP: Adapting CLIP for Universal Visual Anomaly Detection (Gao et al., AAAI 2026).
 
 Paper: https://arxiv.org/abs/2505.09926. Reference implementation: gaobb/AdaptCLIP @354d9e3 (GPL-2.0: re-implemented
-from shared/specs/adaptclip.md, no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
+from specs/adaptclip.md, no code copied); released adapters: HF ``csgaobb/AdaptCLIP`` (epoch_15.pth).
 
 Method, as implemented:
 

@@ -1,7 +1,7 @@
 """AnomalyCLIP: Object-agnostic Prompt Learning for Zero-shot Anomaly Detection (Zhou et al., ICLR 2024).
 
 Paper: https://arxiv.org/abs/2310.18961. Reference implementation: zqhang/AnomalyCLIP @45ed4dd (train.py, test.py,
-prompt_ensemble.py, loss.py, AnomalyCLIP_lib/); spec: shared/specs/anomalyclip.md.
+prompt_ensemble.py, loss.py, AnomalyCLIP_lib/); spec: specs/anomalyclip.md.
 
 Method, as implemented:
 

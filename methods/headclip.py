@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/2505.22259v2 ("Head-adaptive CLIP"). The official code
 (github.com/kiyoonjeong0305/HeadCLIP) is not available to us, so this is the reconstruction laid out in
-shared/specs/headclip.md §3, labelled "HeadCLIP (reconstruction)" in every run and report until it can be checked
+specs/headclip.md §3, labelled "HeadCLIP (reconstruction)" in every run and report until it can be checked
 against the official code. What the abstract establishes: learnable text prompts for normality and abnormality,
 learnable head weights in the image encoder, and a joint anomaly score that brings pixel-level evidence into the
 image score.

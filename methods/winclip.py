@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/2303.14814. No official code was released. zsadbench follows the anomalib implementation
 (openvinotoolkit/anomalib @161bb36, src/anomalib/models/image/winclip/), cross-checked with the zqhang/WinCLIP-pytorch
-reproduction (@6b070ff), whose per-class results are the benchmark-level target (spec: shared/specs/winclip.md).
+reproduction (@6b070ff), whose per-class results are the benchmark-level target (spec: specs/winclip.md).
 
 Method, as implemented:
 

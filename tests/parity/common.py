@@ -38,10 +38,11 @@ from PIL import Image
 IMAGE_SIZES = ((560, 560), (640, 448), (400, 600), (518, 518), (720, 540), (300, 300))
 
 
-def common_arguments(description: str) -> argparse.ArgumentParser:
+def common_arguments(description: str, work_tree: bool = True) -> argparse.ArgumentParser:
     """Returns a parser with the options every driver takes (reference work tree, weights, inputs, output)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref-root", required=True, help="work tree of the reference implementation")
+    if work_tree:  # not for a reference installed as a package (anomalib)
+        parser.add_argument("--ref-root", required=True, help="work tree of the reference implementation")
     parser.add_argument("--weights", required=True, help="CLIP state-dict file (tests/parity/make_weights.py)")
     parser.add_argument("--out", required=True, help="output file (torch.save dict)")
     parser.add_argument("--images", type=int, default=2, help="number of synthetic query images")
@@ -264,9 +265,9 @@ def run_metadata(args: argparse.Namespace, reference: str, files: Sequence[str],
     """Returns what an output records about its run: reference, hashes of the reference files used, versions."""
     import PIL
 
-    root = Path(args.ref_root).resolve()
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                "pillow": PIL.__version__, "threads": torch.get_num_threads()}
+    root = Path(getattr(args, "ref_root", None) or ".").resolve()
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+                "pillow": PIL.__version__, "threads": torch.get_num_threads()}  # plain str: weights_only loading
     for name in ("open_clip", "scipy", "torchvision", "anomalib"):
         module = sys.modules.get(name)
         if module is not None:
@@ -274,6 +275,7 @@ def run_metadata(args: argparse.Namespace, reference: str, files: Sequence[str],
     return {"reference": reference, "seed": args.seed, "images": args.images,
             "weights": os.path.basename(args.weights), "weights_sha256": sha256(args.weights),
             "reference_files_sha256": {f: sha256(root / f) if (root / f).is_file() else "missing" for f in files},
+            "reference_root": str(root) if getattr(args, "ref_root", None) else None,
             "versions": versions, **extra}
 
 

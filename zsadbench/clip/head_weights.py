@@ -1,4 +1,4 @@
-"""Learnable head weights (HeadCLIP's "LHW", as reconstructed in shared/specs/headclip.md §3.2).
+"""Learnable head weights (HeadCLIP's "LHW", as reconstructed in specs/headclip.md §3.2).
 
 One scalar per (vision layer, attention head) multiplies that head's output before the layer's attention
 out-projection: ``attn = W_out · concat_h(w_{l,h} · o_{l,h}) + b_out`` (the bias is not scaled). In a dual-path (DPAM)
