@@ -3,10 +3,10 @@
     python benchmarks/bench_winclip.py [--repeats 5] [--batch 2] [--threads 2]
 
 Both models get the same full-size ViT-B-16-plus-240 random weights (240 px) and the same preprocessed batch; text
-embeddings are computed before timing (both cache them per class). anomalib runs with the batch-first window fix of
-anomalib#2571 (docs/methods/winclip.md; without it its windows are wrong, and slower). Timed forwards alternate
-between the two models so that load from other processes hits both alike; medians are reported, with the load
-average. Target: ratio >= 1.
+embeddings are computed before timing (both cache them per class). anomalib is built by the project's parity driver
+(tests/parity/ref_winclip.py), with its batch-first window fix (without it the windows are wrong, and slower). Timed
+forwards alternate between the two models so that load from other processes hits both alike; medians are reported,
+with the load average. Target: ratio >= 1.
 Without anomalib installed only zsadbench's throughput is printed.
 """
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,33 +32,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def anomalib_model(arch: str, state: dict, class_name: str):  # noqa: ANN201 - anomalib's WinClipModel
-    """Returns anomalib's WinClipModel on ``arch`` with ``state`` loaded and the batch-first window fix, or None."""
+    """Returns anomalib's WinClipModel with ``state`` and the batch-first window fix (tests/parity/ref_winclip.py)."""
     try:
-        from anomalib.models.image.winclip import torch_model
+        import anomalib  # noqa: F401
     except ImportError:
         return None
-    saved = torch_model.BACKBONE, torch_model.PRETRAINED
-    torch_model.BACKBONE, torch_model.PRETRAINED = arch, None  # build only; weights come from ``state``
-    try:
-        model = torch_model.WinClipModel()
-    finally:
-        torch_model.BACKBONE, torch_model.PRETRAINED = saved
-    model.clip.load_state_dict(state, strict=True)
-    transformer = model.clip.visual.transformer
-    window_embeddings = model._get_window_embeddings
+    drivers = str(Path(__file__).resolve().parent.parent / "tests" / "parity")
+    if drivers not in sys.path:
+        sys.path.insert(0, drivers)
+    from ref_winclip import anomalib_winclip
 
-    def fixed(feature_map, masks):  # anomalib feeds (L, N, D): right for open_clip < 2.26 only
-        if not getattr(transformer, "batch_first", False):
-            return window_embeddings(feature_map, masks)
-        transformer.batch_first = False
-        try:
-            return window_embeddings(feature_map, masks)
-        finally:
-            transformer.batch_first = True
-
-    model._get_window_embeddings = fixed
-    model.setup(class_name)
-    return model.eval()
+    return anomalib_winclip(arch, state, class_name)
 
 
 def main() -> None:

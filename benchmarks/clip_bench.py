@@ -12,7 +12,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,17 +66,13 @@ def print_rates(kind: str, times: dict[str, list[float]], images: int) -> dict[s
     return rates
 
 
+PARITY_DRIVERS = Path(__file__).resolve().parent.parent / "tests" / "parity"  # the project's reference-side code
+
+
 def install_reference_shims() -> None:
-    """Stands in for modules the references import at module level but never use (thop, pkg_resources)."""
-    import importlib.util
+    """Stands in for modules the references import at module level but never use (tests/parity/common.py's)."""
+    if str(PARITY_DRIVERS) not in sys.path:
+        sys.path.insert(0, str(PARITY_DRIVERS))
+    import common  # tests/parity/common.py
 
-    import packaging.version  # noqa: F401  (the references read pkg_resources.packaging.version)
-
-    if importlib.util.find_spec("thop") is None:
-        thop = types.ModuleType("thop")
-        thop.profile = None  # type: ignore[attr-defined]
-        sys.modules["thop"] = thop
-    if importlib.util.find_spec("pkg_resources") is None:  # removed from recent setuptools
-        pkg_resources = types.ModuleType("pkg_resources")
-        pkg_resources.packaging = sys.modules["packaging"]  # type: ignore[attr-defined]
-        sys.modules["pkg_resources"] = pkg_resources
+    common.install_import_shims()

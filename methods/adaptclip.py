@@ -75,7 +75,7 @@ class AdaptCLIPConfig:
     pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
     image_size: int = 518
     pos_embed_mode: str = "bilinear"
-    activation: str = "auto"
+    activation: str = "auto"  # "auto" = the reference's: QuickGELU always (its OpenAI CLIP code hard-codes it)
     vv_start_layer: int = 6  # DPAM_layer=20 of 24
     feature_layers: tuple[int, ...] = (6, 12, 18, 24)  # PQA layers; the VA and TA use the last one
     class_word: str = "object"  # the static text's class word (never the category name)
@@ -187,6 +187,7 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
     code_license = "GPL-2.0"
     weights_license = "MIT (OpenAI CLIP); GPL-2.0 (released adapters)"
     Config = AdaptCLIPConfig
+    reference_checkpoint_entries = ("textual_learner", "visual_learner", "pq_learner")  # train.py saves these only
     learned_parts = "adapters"
     # untrained adapters on a tiny seeded backbone: guards the zero-shot fusion and the PQA path
     presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}

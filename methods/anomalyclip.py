@@ -65,7 +65,7 @@ class AnomalyCLIPConfig:
     pretrained: str = "openai"  # open_clip tag, a local weights file, or "random"
     image_size: int = 518
     pos_embed_mode: str = "bilinear"  # the reference's F.interpolate(mode="bilinear") of the 24×24 grid
-    activation: str = "auto"  # "auto" follows the weights: QuickGELU for OpenAI's (open_clip >= 3 would build GELU)
+    activation: str = "auto"  # "auto" = the reference's: QuickGELU always (its OpenAI CLIP code hard-codes it)
     vv_start_layer: int = 6  # first V-V (DPAM) block: DPAM_layer=20 replaces blocks -1..-19 of 24
     feature_layers: tuple[int, ...] = (24,)  # V-V layers whose maps are summed; 24 only (see the module docstring)
     n_ctx: int = 12  # learnable context vectors per prompt ("Prompt_length")
@@ -89,6 +89,7 @@ class AnomalyCLIP(LearnedPartsDetector):
     code_license = "MIT"
     weights_license = "MIT (OpenAI CLIP; released prompts)"
     Config = AnomalyCLIPConfig
+    reference_checkpoint_entries = ("prompt_learner",)  # train.py saves nothing else
     # untrained prompts on a tiny seeded backbone: guards the whole inference path (DPAM, prompts, scoring, smoothing)
     presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
     regression_variants = {"zero-shot": presets["smoke"]}

@@ -60,6 +60,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from zsadbench.clip import forward_vision, load_clip
+from zsadbench.clip.backbone import reference_activation
 from zsadbench.detector import ImageSet, TransductiveDetector
 from zsadbench.dino import is_dino, load_dino
 from zsadbench.mutual_scoring import SetTooSmallError, interval_bounds, mutual_scoring
@@ -212,15 +213,12 @@ class _ClipTaps:
         arch = open_clip.get_model_config(config.model)
         if arch is None:
             raise ValueError(f"unknown backbone {config.model!r}: neither an open_clip architecture nor a DINO model")
-        native = int(arch["vision_cfg"]["image_size"])
         activation = config.activation
-        if activation == "auto":
-            # the reference builds a fresh CLIP(**json_config) whenever image_size differs from the native size
-            # (exact GELU for the OpenAI configs), and loads the OpenAI model as released (QuickGELU) otherwise
-            activation = "auto" if config.image_size == native else (
-                "quick_gelu" if arch.get("quick_gelu", False) else "gelu")
+        if activation == "auto":  # the reference's rule for this size and weights source (see reference_activation)
+            activation = reference_activation("musc", config.model, config.pretrained, config.image_size)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="ACTIVATION MISMATCH")  # GELU with OpenAI weights is intended
+            if config.activation == "auto":  # e.g. exact GELU with OpenAI weights at 518 px: what the reference runs
+                warnings.filterwarnings("ignore", message="ACTIVATION MISMATCH")
             self.backbone = load_clip(config.model, config.pretrained, image_size=config.image_size,
                                       pos_embed_mode="bicubic", activation=activation, seed=seed)
         self.depth = len(self.backbone.visual.transformer.resblocks)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.backbone import load_clip, reference_activation
 from zsadbench.clip.scoring import class_probabilities, harmonic_mean
 from zsadbench.clip.text import TextFeatureCache, compositional_prompts, prompt_ensemble_features
 from zsadbench.clip.windows import (
@@ -70,7 +70,7 @@ class WinClipConfig:
     shots: int = 0  # k normal reference images per category for WinCLIP+; 0 = zero-shot
     reference_seed: int = 10  # seed of the reference-image draw (zsadbench's few-shot protocol)
     pos_embed_mode: str = "bicubic"  # positional-embedding resize, only used when image_size != 240
-    activation: str = "auto"  # "auto" follows the weights (GELU for laion400m_e31)
+    activation: str = "auto"  # "auto" = anomalib's: the architecture config's (open_clip.create_model), GELU here
 
 
 @dataclass
@@ -116,8 +116,10 @@ class WinClip(Detector, FewShot):
         cfg: WinClipConfig = self.config
         if not cfg.scales or any(k < 1 for k in cfg.scales):
             raise ValueError(f"winclip: scales must be positive window sizes, got {cfg.scales}")
+        activation = cfg.activation if cfg.activation != "auto" else reference_activation(
+            "open_clip", cfg.model, cfg.pretrained, cfg.image_size)
         self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation,  # type: ignore[arg-type]
+                                  pos_embed_mode=cfg.pos_embed_mode, activation=activation,  # type: ignore[arg-type]
                                   seed=seed)
         self.clip = self.backbone.model
         grid = self.backbone.grid_size

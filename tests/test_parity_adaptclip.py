@@ -1,13 +1,17 @@
 """Parity of zsadbench's AdaptCLIP with gaobb/AdaptCLIP on identical weights, adapters and images (optional).
 
-The reference runs outside the project (GPL-2.0, never vendored): the shared parity driver ``ref_adaptclip.py``
-replays its test.py (zero-shot and k-shot in one run) on a random ViT-L-14-336 state dict with seeded random adapters
+The reference (GPL-2.0) is never vendored: the project's driver ``tests/parity/ref_adaptclip.py`` imports it from a
+work tree of gaobb/AdaptCLIP (@354d9e3) named on its command line, replays its test.py (zero-shot and k-shot in one
+run) on a random full-size ViT-L-14-336 state dict (``tests/parity/make_weights.py``) with seeded random adapters
 (non-trivial BatchNorm statistics) and saves every tensor of specs/adaptclip.md §15, plus the adapters in the authors'
 layout (``<OUT>_adapters.pth``, the layout of the released epoch_15.pth). This test loads that file through
 ``--checkpoint``'s loader, feeds the same raw images and prompt images, and compares (a few minutes on CPU)::
 
-    python ref_adaptclip.py --ref-root AdaptCLIP --weights clip_rand_s0.pt --seed 0 --images 2 --shots 1 --out OUT.pt
-    ZSADBENCH_PARITY_ADAPTCLIP=OUT.pt ZSADBENCH_PARITY_ADAPTCLIP_WEIGHTS=clip_rand_s0.pt nox -s parity -- -k adaptclip
+    python tests/parity/make_weights.py --arch ViT-L-14-336-quickgelu --seed 0 --out W/clip_s0.pt
+    python tests/parity/ref_adaptclip.py --ref-root AdaptCLIP --weights W/clip_s0.pt --images 2 --shots 1 \\
+        --out W/adaptclip_ref.pt
+    ZSADBENCH_PARITY_ADAPTCLIP=W/adaptclip_ref.pt ZSADBENCH_PARITY_ADAPTCLIP_WEIGHTS=W/clip_s0.pt \\
+        nox -s parity -- -k adaptclip
 
 Rows of §15 compared: 1 (positional embedding), 2 (static and learned text), 3 (g, P^(l)), 4-5 (VA, TA), 6 (PQA per
 layer), 7-8 (fused maps and scores, zero-shot and k-shot), 9 (prompt sampling), and the preprocessing. Row 10 (one

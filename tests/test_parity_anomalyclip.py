@@ -1,12 +1,16 @@
 """Parity of zsadbench's AnomalyCLIP with zqhang/AnomalyCLIP on identical weights, prompts and images (optional).
 
-The reference side runs outside the project (it is never vendored): the shared parity driver ``ref_anomalyclip.py``
-replays the reference test.py on a random ViT-L-14-336 state dict and saves every intermediate tensor of
+The reference is never vendored: the project's driver ``tests/parity/ref_anomalyclip.py`` imports it from a work
+tree of zqhang/AnomalyCLIP (@45ed4dd) named on its command line, replays its test.py on a random full-size
+ViT-L-14-336 state dict (``tests/parity/make_weights.py``) and saves every intermediate tensor of
 specs/anomalyclip.md §14, plus the prompt-learner file it used (``<OUT>_prompt_learner.pth``, the authors' key
 layout). This test feeds zsadbench the same weights file, the same prompt-learner file and the same raw images and
 compares (minutes on CPU: ViT-L at 518 px)::
 
-    ZSADBENCH_PARITY_ANOMALYCLIP=OUT.pt ZSADBENCH_PARITY_ANOMALYCLIP_WEIGHTS=clip_rand_s0.pt \\
+    python tests/parity/make_weights.py --arch ViT-L-14-336-quickgelu --seed 0 --out W/clip_s0.pt
+    python tests/parity/ref_anomalyclip.py --ref-root AnomalyCLIP --weights W/clip_s0.pt --images 2 \\
+        --out W/anomalyclip_ref.pt [--dump-layers 6 12 24]
+    ZSADBENCH_PARITY_ANOMALYCLIP=W/anomalyclip_ref.pt ZSADBENCH_PARITY_ANOMALYCLIP_WEIGHTS=W/clip_s0.pt \\
         [ZSADBENCH_PARITY_ANOMALYCLIP_TRAIN=TRAIN.pt] nox -s parity -- -k anomalyclip
 
 ``TRAIN.pt`` (optional) holds one reference training step on images 0 and 1 (losses, gradients, parameters after one

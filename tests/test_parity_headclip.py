@@ -10,9 +10,17 @@ in both DPAM paths. This test writes that folded weights file and the reference 
 
 With ZSADBENCH_PARITY_ANOMALYCLIP_TRAIN (the AnomalyCLIP parity test's training step on the unfolded weights), one
 HeadCLIP training step with the head weights at 1 is compared too (§5 row 7: losses and prompt gradients; gradients
-now also flow through the vision tower into the head weights). REF_FOLDED.pt is the output of
-shared/parity/ref_anomalyclip.py on ``<weights>_folded.pt`` with the prompt-learner file (``--prompt-learner-ckpt``);
-ZSADBENCH_PARITY_HEADCLIP_PROMPTS defaults to ``<REF_FOLDED>_prompt_learner.pth``.
+now also flow through the vision tower into the head weights). REF_FOLDED.pt is the output of the project's driver
+tests/parity/ref_anomalyclip.py on ``<weights>_folded.pt`` with the prompt-learner file (``--prompt-learner-ckpt``);
+ZSADBENCH_PARITY_HEADCLIP_PROMPTS defaults to ``<REF_FOLDED>_prompt_learner.pth``. In full::
+
+    python tests/parity/make_weights.py --arch ViT-L-14-336-quickgelu --seed 0 --out W/clip_s0.pt
+    ZSADBENCH_PARITY_HEADCLIP=W/headclip_ref.pt ZSADBENCH_PARITY_ANOMALYCLIP_WEIGHTS=W/clip_s0.pt \\
+        nox -s parity -- -k headclip                 # first run: writes W/clip_s0_folded.pt, skips with the command
+    python tests/parity/ref_anomalyclip.py --ref-root AnomalyCLIP --weights W/clip_s0_folded.pt --images 2 \\
+        --prompt-learner-ckpt W/anomalyclip_ref_prompt_learner.pth --out W/headclip_ref.pt
+    ZSADBENCH_PARITY_HEADCLIP=W/headclip_ref.pt ZSADBENCH_PARITY_ANOMALYCLIP_WEIGHTS=W/clip_s0.pt \\
+        ZSADBENCH_PARITY_HEADCLIP_PROMPTS=W/anomalyclip_ref_prompt_learner.pth nox -s parity -- -k headclip
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ def test_static_head_weights_match_the_reference_with_folded_weights() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if not Path(REF).exists():
         folded = folded_weights(Path(WEIGHTS))
-        pytest.skip(f"no reference output {REF}: run shared/parity/ref_anomalyclip.py --weights {folded} "
+        pytest.skip(f"no reference output {REF}: run tests/parity/ref_anomalyclip.py --ref-root AnomalyCLIP "
+                    f"--weights {folded} "
                     f"--prompt-learner-ckpt PROMPTS --out {REF} (see this module's docstring)")
     ref = torch.load(REF, weights_only=True)
     prompts = os.environ.get("ZSADBENCH_PARITY_HEADCLIP_PROMPTS") or str(

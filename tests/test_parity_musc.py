@@ -1,15 +1,23 @@
 """Parity of zsadbench's MuSc with the reference (xrli-U/MuSc @ b76b93d) on identical random weights and inputs.
 
 The reference needs its own environment (vendored open_clip 2.16 fork, import-path tricks), so it is not run here:
-``shared/parity/ref_musc.py`` runs it on a weights file and records every intermediate (README-musc-winclip.md).
-This test reads that recording and recomputes each stage with zsadbench from the recorded inputs; it is skipped
-unless ``ZSADBENCH_MUSC_REF`` names the recording and ``ZSADBENCH_MUSC_WEIGHTS`` the weights file given to the driver.
-The DINO / DINOv2 backbones are compared with the reference's own ViT code (``models/backbone`` of a MuSc work tree
-named by ``ZSADBENCH_MUSC_REF_ROOT``; it needs only torch) on random weights.
+the project's driver ``tests/parity/ref_musc.py`` imports it from a MuSc work tree named on its command line, runs its
+``make_category_data`` on a weights file and records every intermediate. This test reads that recording and
+recomputes each stage with zsadbench from the recorded inputs; it is skipped unless ``ZSADBENCH_MUSC_REF`` (a
+recording at the default 518 px) or ``ZSADBENCH_MUSC_REF_336`` (at the native 336 px, where the reference loads the
+weights as the OpenAI model and runs QuickGELU, while at 518 px it builds a fresh CLIP with exact GELU) names a
+recording, and ``ZSADBENCH_MUSC_WEIGHTS`` the weights file given to the driver. The activation the reference ran is
+compared too. The DINO / DINOv2 backbones are compared with the reference's own ViT code (``models/backbone`` of a
+MuSc work tree named by ``ZSADBENCH_MUSC_REF_ROOT``; it needs only torch) on random weights.
 
-    python ref_musc.py --ref-root REF --weights W.pt --seed 0 --images 6 --out ref.pt     # reference venv
-    ZSADBENCH_MUSC_REF=ref.pt ZSADBENCH_MUSC_WEIGHTS=W.pt nox -s parity -- -k musc         # here
-    python tests/test_parity_musc.py ref.pt W.pt                                           # prints the differences
+    python tests/parity/make_weights.py --arch ViT-L-14-336 --seed 0 --out W/clip_s0.pt           # here
+    python tests/parity/ref_musc.py --ref-root MuSc --weights W/clip_s0.pt --images 5 --image-size 518 \\
+        --out W/musc_ref_518.pt                                                        # reference venv
+    python tests/parity/ref_musc.py --ref-root MuSc --weights W/clip_s0.pt --images 5 --image-size 336 \\
+        --out W/musc_ref_336.pt
+    ZSADBENCH_MUSC_REF=W/musc_ref_518.pt ZSADBENCH_MUSC_REF_336=W/musc_ref_336.pt ZSADBENCH_MUSC_WEIGHTS=W/clip_s0.pt \\
+        nox -s parity -- -k musc                                                        # here
+    python tests/test_parity_musc.py W/musc_ref_336.pt W/clip_s0.pt                    # prints the differences
 
 Stages and tolerances (spec musc.md §11): positional embedding 1e-6; tokens after blocks 6/12/18/24 relative 1e-5;
 image embedding 1e-5; LNAMD 1e-5 (the reference's LayerNorm of 1.4M values per image in float32 carries ~1e-6);
@@ -29,7 +37,7 @@ import torch
 pytestmark = pytest.mark.parity
 
 
-def parity_report(reference_file: str, weights_file: str) -> dict[str, float | bool]:
+def parity_report(reference_file: str, weights_file: str) -> dict[str, float | bool | str]:
     """Returns the max abs (or relative) differences of every stage between the recording and zsadbench."""
     from zsadbench.methods.musc import (
         MuSc,
@@ -49,9 +57,12 @@ def parity_report(reference_file: str, weights_file: str) -> dict[str, float | b
     layers = tuple(meta["feature_layers_0based"])
     detector = MuSc(model=meta["arch"], pretrained=weights_file, image_size=size, feature_layers=layers,
                     r_list=tuple(meta["r_list"]), batch_size=int(meta["batch_size"]))
-    report: dict[str, float | bool] = {"images": int(ref["inputs"].shape[0]), "image_size": size}
+    report: dict[str, float | bool | str] = {"images": int(ref["inputs"].shape[0]), "image_size": size}
 
     visual = detector.features.backbone.visual
+    ours_activation = type(visual.transformer.resblocks[0].mlp.gelu).__name__
+    report["activation_equal"] = ours_activation == meta["activation"]
+    report["activation"] = f"ours {ours_activation}, reference {meta['activation']}"
     report["pos_embed_max_abs"] = float((visual.positional_embedding - ref["pos_embed_resized"]).abs().max())
     from PIL import Image
 
@@ -120,13 +131,16 @@ TOLERANCES = {
 }
 
 
-def test_musc_matches_the_reference_recording():
-    reference, weights = os.environ.get("ZSADBENCH_MUSC_REF"), os.environ.get("ZSADBENCH_MUSC_WEIGHTS")
+@pytest.mark.parametrize("variable, size", [("ZSADBENCH_MUSC_REF", 518), ("ZSADBENCH_MUSC_REF_336", 336)])
+def test_musc_matches_the_reference_recording(variable: str, size: int) -> None:
+    reference, weights = os.environ.get(variable), os.environ.get("ZSADBENCH_MUSC_WEIGHTS")
     if not reference or not weights:
-        pytest.skip("set ZSADBENCH_MUSC_REF (ref_musc.py output) and ZSADBENCH_MUSC_WEIGHTS (its weights file)")
+        pytest.skip(f"set {variable} (tests/parity/ref_musc.py output at {size} px) and ZSADBENCH_MUSC_WEIGHTS")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     report = parity_report(reference, weights)
     print(json.dumps(report, indent=1))
+    assert report["image_size"] == size, f"{variable} holds a recording at {report['image_size']} px"
+    assert report["activation_equal"], report["activation"]
     assert report["divisions_equal"]
     for key, tolerance in TOLERANCES.items():
         if key in report:

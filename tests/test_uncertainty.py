@@ -114,7 +114,7 @@ def test_paired_test_keeps_the_pairing() -> None:
 
 def test_images_are_matched_by_path_tail_across_machines() -> None:
     a = scores_table(1.0, root="/home/alice/mvtec")
-    b = scores_table(0.5, seed=3, root="/mnt/shared/datasets/mvtec").sample(frac=1.0, random_state=0)  # shuffled
+    b = scores_table(0.5, seed=3, root="/mnt/data/mvtec").sample(frac=1.0, random_state=0)  # shuffled
     joined = align_scores(a, b)
     assert len(joined) == len(a)
     assert paired_test(a, b, replicates=50).images == len(a)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -265,7 +266,7 @@ def check_bad_input(subject: _Subject) -> None:
     height, width = detector.input_size
     for what, bad in (("one channel", images[:, :1]), ("an unbatched image", images[0]),
                       ("half the input size", images[:, :, : height // 2, : width // 2])):
-        outcome = _raises(lambda bad=bad: subject.predict(subject.build(), bad))
+        outcome = _raises(functools.partial(subject.predict, subject.build(), bad))
         assert outcome is not None, f"predict accepted {what} (shape {tuple(bad.shape)}) silently; expected an " \
                                     f"error naming the expected shape (3, {height}, {width})"
     poisoned = images.clone()

@@ -16,7 +16,8 @@ antialias as MuSc), never with open_clip's antialiased bicubic resize.
 QuickGELU: the OpenAI weights were trained with QuickGELU, but open_clip >= 3 builds ``nn.GELU`` for e.g.
 ``ViT-L-14-336`` and only warns. ``activation="auto"`` follows the weights (QuickGELU for ``openai`` tags and OpenAI
 archives); an explicit ``activation`` that disagrees with known weights is honoured with a loud warning (MuSc at 518
-px runs OpenAI weights with exact GELU on purpose).
+px runs OpenAI weights with exact GELU on purpose). A method does not use ``"auto"`` as is: its reference decides the
+activation by its own rule (:func:`reference_activation`), for every input size and weights source.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ ResidualBlock = Any
 
 PosEmbedMode = Literal["bilinear", "bicubic", "bicubic-antialias"]
 Activation = Literal["auto", "gelu", "quick_gelu"]
+# how a reference implementation picks the MLP activation (see reference_activation)
+ActivationRule = Literal["openai_clip", "open_clip", "musc"]
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -337,6 +340,46 @@ def _choose_activation(model: str, pretrained: str, native_quick_gelu: bool, wei
             f"(requested explicitly: activation={activation!r}; features differ from the trained model's)",
             UserWarning, stacklevel=3)
     return chosen
+
+
+def weights_kind(pretrained: str) -> Literal["random", "file", "tag"]:
+    """Returns how ``pretrained`` is read: seeded ``random`` weights, a local ``file``, or an open_clip ``tag``."""
+    if pretrained in ("random", "none", ""):
+        return "random"
+    if Path(pretrained).expanduser().is_file() or _looks_like_path(pretrained):
+        return "file"
+    return "tag"
+
+
+def reference_activation(rule: ActivationRule, model: str, pretrained: str, image_size: int | None
+                         ) -> Literal["gelu", "quick_gelu"]:
+    """Returns the MLP activation a reference implementation runs for these arguments (``rule`` names the reference).
+
+    - ``openai_clip``: a copy of OpenAI's CLIP code (zqhang/AnomalyCLIP, gaobb/AdaptCLIP): its residual blocks
+      hard-code QuickGELU, whatever the weights and the input size.
+    - ``open_clip``: ``open_clip.create_model(model, pretrained=...)`` (anomalib's WinCLIP): the architecture config's
+      activation; open_clip >= 3 only warns when a tag was trained with the other one.
+    - ``musc``: xrli-U/MuSc's open_clip fork. OpenAI weights (the ``openai`` tag, or a weights file, which the
+      reference can only read as its OpenAI download) at the architecture's native size go through
+      ``load_openai_model``, QuickGELU; at any other size it builds ``CLIP(**config)`` and loads their state dict,
+      the config's activation (exact GELU for the OpenAI architectures); other tags always get the config's.
+
+    ``random`` weights have no reference; they get what the rule gives a weights file, except under ``musc`` where
+    they keep the config's activation (the seeded tiny models of the tests and goldens).
+    """
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise ValueError(f"unknown CLIP architecture {model!r}; open_clip knows: {', '.join(open_clip.list_models())}")
+    configured: Literal["gelu", "quick_gelu"] = "quick_gelu" if config.get("quick_gelu", False) else "gelu"
+    if rule == "openai_clip":
+        return "quick_gelu"
+    if rule == "open_clip":
+        return configured
+    if rule == "musc":
+        native = int(config["vision_cfg"]["image_size"])
+        openai_weights = weights_kind(pretrained) == "file" or pretrained == "openai"
+        return "quick_gelu" if openai_weights and int(image_size or native) == native else configured
+    raise ValueError(f"unknown activation rule {rule!r}: expected 'openai_clip', 'open_clip' or 'musc'")
 
 
 def _set_activation(clip: ClipModel, act: type[nn.Module]) -> None:

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import CHECKPOINT_FORMAT, CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
-from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.backbone import ActivationRule, load_clip, reference_activation
 from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.detector import Detector, Trainable
 from zsadbench.hashing import file_sha256
@@ -37,12 +37,19 @@ class LearnedPartsDetector(Detector, Trainable):
 
     learned_parts: ClassVar[str] = "prompts"  # what the parts are called in warnings and in the run's parameters
     loads_checkpoints_of: ClassVar[tuple[str, ...]] = ()  # other methods whose zsadbench checkpoints hold our parts
+    # ``activation="auto"`` runs what the reference runs: AnomalyCLIP's and AdaptCLIP's copies of OpenAI's CLIP code
+    # hard-code QuickGELU, whatever the weights (tag, TorchScript archive, plain file) and the input size
+    activation_rule: ClassVar[ActivationRule] = "openai_clip"
+    # top-level entries of a checkpoint in the authors' released layout; any other entry is named in a warning
+    reference_checkpoint_entries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
         cfg = self.config
+        activation = cfg.activation if cfg.activation != "auto" else reference_activation(
+            self.activation_rule, cfg.model, cfg.pretrained, cfg.image_size)
         self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation, seed=seed)
+                                  pos_embed_mode=cfg.pos_embed_mode, activation=activation, seed=seed)
         self.clip = self.backbone.model
         depth = len(self.clip.visual.transformer.resblocks)
         bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
@@ -159,11 +166,20 @@ class LearnedPartsDetector(Detector, Trainable):
         """Loads a checkpoint in the authors' released layout."""
         raise CheckpointError(f"checkpoint {path}: {self.name} reads no layout of the authors'")
 
+    def warn_unknown_entries(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        """Warns, naming them, about top-level entries of an authors'-layout checkpoint that nothing reads."""
+        unknown = sorted(map(str, set(checkpoint) - set(self.reference_checkpoint_entries)))
+        if self.reference_checkpoint_entries and unknown:
+            warnings.warn(f"checkpoint {path}: ignoring unknown top-level entr{'ies' if len(unknown) > 1 else 'y'} "
+                          f"{', '.join(map(repr, unknown))} (the authors' {self.name} layout holds "
+                          f"{', '.join(map(repr, self.reference_checkpoint_entries))})", UserWarning, stacklevel=4)
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Loads a zsadbench checkpoint or one in the authors' released layout; errors name the file and the keys."""
         checkpoint = read_checkpoint(path)
         try:
             if self.is_reference_checkpoint(checkpoint):
+                self.warn_unknown_entries(checkpoint, path)
                 self.load_reference_checkpoint(checkpoint, path)
             elif (checkpoint.get("format") == CHECKPOINT_FORMAT
                   and checkpoint.get("method") in self.loads_checkpoints_of):
