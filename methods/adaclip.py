@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from zsadbench.checkpoints import check_keys
 from zsadbench.clip.learned_parts import LearnedPartsDetector
-from zsadbench.clip.text import TextTower, end_of_text_index, encode_text_embeddings, tokenize
+from zsadbench.clip.text import TextTower, encode_text_embeddings, end_of_text_index, tokenize
 from zsadbench.clip.vision import forward_vision
 from zsadbench.clip.visual_prompts import forward_prompted_vision, round_to_half
 from zsadbench.filters import gaussian_filter
@@ -240,7 +240,7 @@ class AdaCLIP(LearnedPartsDetector):
                 self.generators["dynamic_text_prompt_generator"].stacked(embedding))
 
     def block_prompts(self, static: StaticPrompts, dynamic: Tensor | None) -> list[Tensor]:
-        """Returns the prompts of blocks 1..J: static + dynamic (or either alone), float16-rounded like the reference."""
+        """Returns the prompts of blocks 1..J: static + dynamic (or either alone), rounded to float16 if asked."""
         prompts = []
         for depth in range(self.config.prompt_depth):
             if len(static.static_prompts) and dynamic is not None:
@@ -332,12 +332,12 @@ class AdaCLIP(LearnedPartsDetector):
         categories = [s.category for s in samples] if samples else []
         if len(set(categories)) > 1:  # text prompts per image, but one category per forward
             groups = [[i for i, s in enumerate(samples) if s.category == c] for c in dict.fromkeys(categories)]
-            parts = [self._losses(images[g], masks[g], labels[g], categories[g[0]]) for g in groups]
+            parts = [self.category_losses(images[g], masks[g], labels[g], categories[g[0]]) for g in groups]
             weights = [len(g) / len(images) for g in groups]
             return {k: sum(w * p[k] for w, p in zip(weights, parts)) for k in parts[0]}  # type: ignore[misc]
-        return self._losses(images, masks, labels, categories[0] if categories else "object")
+        return self.category_losses(images, masks, labels, categories[0] if categories else "object")
 
-    def _losses(self, images: Tensor, masks: Tensor, labels: Tensor, category: str) -> dict[str, Tensor]:
+    def category_losses(self, images: Tensor, masks: Tensor, labels: Tensor, category: str) -> dict[str, Tensor]:
         """Returns the reference's loss terms for a batch of one category."""
         out = self.forward(images, category)
         gt = (masks > 0.5).to(torch.float32)
