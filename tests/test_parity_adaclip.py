@@ -8,7 +8,8 @@ compares (several minutes on 2 CPU cores)::
 
     python -c "from zsadbench.clip.testing import clip_like_state_dict, save_state_dict; \\
                save_state_dict(clip_like_state_dict('ViT-L-14-336', seed=0), 'clip_rand_s0.pt')"
-    python tests/parity/ref_adaclip.py --ref-root AdaCLIP --weights clip_rand_s0.pt --out adaclip_ref.pt --train
+    python tests/parity/ref_adaclip.py --ref-root AdaCLIP --weights clip_rand_s0.pt --out adaclip_ref.pt --train \\
+        [--image-size 392 --images 1]   # the method's 518 px by default; a smaller size for busy CPUs
     ZSADBENCH_PARITY_ADACLIP=adaclip_ref.pt ZSADBENCH_PARITY_ADACLIP_WEIGHTS=clip_rand_s0.pt \\
         python -m pytest -m parity -s tests/test_parity_adaclip.py
 
@@ -56,15 +57,16 @@ def recording() -> dict:
     return torch.load(REF, weights_only=False)
 
 
-def detector() -> AdaCLIP:
+def detector(recording: dict) -> AdaCLIP:
+    """Returns zsadbench's AdaCLIP on the recording's weights, learned parts and image size (518 by default)."""
     learned = Path(REF).with_name(Path(REF).stem + "_adaclip.pth")
-    return AdaCLIP(pretrained=WEIGHTS, checkpoint=str(learned))
+    return AdaCLIP(pretrained=WEIGHTS, checkpoint=str(learned), image_size=recording["image"].shape[-1])
 
 
 def test_adaclip_matches_the_reference(recording: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     ref = recording
-    model = detector()
+    model = detector(ref)
     category = ref["class_name"]
     figures: dict[str, float] = {}
     images = torch.stack([model.transform(Image.fromarray(a.numpy())) for a in ref["images_uint8"]])
@@ -125,7 +127,7 @@ def test_adaclip_training_step_matches_the_reference(recording: dict) -> None:
         pytest.skip("the recording has no training step (run ref_adaclip.py with --train)")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     ref = recording
-    model = detector()
+    model = detector(ref)
     model.set_train_mode(True)
     optimizer = model.make_optimizer()
     image = torch.stack([model.transform(Image.fromarray(ref["images_uint8"][0].numpy()))])
