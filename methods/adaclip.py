@@ -183,7 +183,7 @@ class AdaCLIP(LearnedPartsDetector):
     learned_parts = "prompts"
     # untrained prompts on a tiny seeded backbone: guards the prompted towers, the maps and the HSF score
     regression_variants = {
-        "zero-shot": {"model": "tiny-ViT-L-14-336", "pretrained": "random", "image_size": 112, "k_clusters": 4},
+        "zero-shot": {"model": "tiny-ViT-L-14-336", "pretrained": "random", "image_size": 56, "k_clusters": 3},
     }
 
     def __init__(self, config: AdaCLIPConfig | None = None, *, seed: int = 0, **overrides: object) -> None:
