@@ -1,6 +1,7 @@
 """Built-in method plugins; importing this package registers them (zsadbench.methods)."""
 
 from zsadbench.methods import (
+    adaclip,  # noqa: E402,F401  (registers "adaclip")
     adaptclip,  # noqa: E402,F401  (registers "adaptclip")
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
     headclip,  # noqa: E402,F401  (registers "headclip")

@@ -6,7 +6,8 @@ modules (their parameters, train/eval switch, device, checkpoint state ``<part>.
 format or in the authors' released layout, and the warning when a real backbone runs with untrained parts.
 
 A method's config provides ``model``, ``pretrained``, ``image_size``, ``pos_embed_mode``, ``activation``,
-``vv_start_layer``, ``feature_layers``, ``checkpoint`` and a ``train`` group; the method implements
+``feature_layers``, ``checkpoint``, a ``train`` group and, for the dual-path methods, ``vv_start_layer`` (AdaCLIP has
+none: its feature layers may be any vision block); the method implements
 :meth:`LearnedPartsDetector.build_learnable_parts`, :meth:`~LearnedPartsDetector.learnable_modules`, ``predict`` and
 ``training_step``, and for the authors' files :meth:`~LearnedPartsDetector.is_reference_checkpoint` and
 :meth:`~LearnedPartsDetector.load_reference_checkpoint`.
@@ -52,10 +53,11 @@ class LearnedPartsDetector(Detector, Trainable):
                                   pos_embed_mode=cfg.pos_embed_mode, activation=activation, seed=seed)
         self.clip = self.backbone.model
         depth = len(self.clip.visual.transformer.resblocks)
-        bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
+        first = getattr(cfg, "vv_start_layer", None) or 1  # methods without the V-V path tap any block
+        bad = [layer for layer in cfg.feature_layers if not first <= layer <= depth]
         if not cfg.feature_layers or bad:
-            raise ValueError(f"{self.name}: feature_layers {list(cfg.feature_layers)} must be V-V layers "
-                             f"{cfg.vv_start_layer}..{depth}")
+            kind = "V-V layers" if hasattr(cfg, "vv_start_layer") else "vision blocks"
+            raise ValueError(f"{self.name}: feature_layers {list(cfg.feature_layers)} must be {kind} {first}..{depth}")
         self._transform = ClipTransform(cfg.image_size)
         self.checkpoint_source: str | None = None  # sha256 of the loaded checkpoint
         self._fitted = False  # trained in this session (no checkpoint needed to score meaningfully)
