@@ -145,7 +145,7 @@ class PromptADConfig:
     n_prompts_map: int = 1  # normal prompts of the map prompt set (train_seg.py n_pro)
     n_anomaly_prompts: int = 4  # learned anomaly suffixes (n_pro_ab)
     vv_start_layer: int = 1  # CLIP-Surgery V-V path from the first block on (the reference replaces all 12)
-    memory_layers: tuple[int, int] = (4, 9)  # attention taps the reference's hooks on blocks 3 and 8 end up holding
+    memory_layers: tuple[int, ...] = (4, 9)  # attention taps the reference's hooks on blocks 3 and 8 end up holding
     map_resolution: int = 400  # the reference's --resolution: maps are upsampled and smoothed at this size
     sigma: float = 4.0  # Gaussian smoothing of the map at map_resolution
     class_name: str | None = None  # prompt class word; None = the reference's word for the category
