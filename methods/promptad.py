@@ -38,8 +38,10 @@ Deliberate deviations from the reference:
 - Preprocessing is the shared PIL bicubic squash (the reference first resizes with cv2 to 1024×1024). The reference also
   feeds its **test** images in BGR order (cv2.imread without conversion; shots are converted to RGB); zsadbench feeds
   RGB to both.
-- The shots are drawn by the shared seeded protocol (:meth:`zsadbench.detector.FewShot.reference_indices`); the
-  reference reads fixed index lists (MVTec AD / VisA only) into an unsorted ``glob`` listing.
+- The shots are drawn by the shared seeded protocol (:meth:`zsadbench.detector.FewShot.reference_indices`) by
+  default. The reference reads fixed index lists (MVTec AD / VisA only) into an unsorted ``glob`` listing;
+  ``--set reference_protocol=list --set reference_list=PromptAD/datasets/seeds_mvtec`` reads the same lists as
+  positions in the sorted listing (= the file numbers of MVTec AD).
 - Prompt contexts are initialised from a generator seeded with ``fit.seed`` (normal, then anomaly contexts, N(0, 0.02²)
   as the reference) instead of the global RNG state left by building the CLIP model. Categories outside the
   reference's table get only the eight generic anomaly states.
@@ -138,7 +140,9 @@ class PromptADConfig:
     pretrained: str = "laion400m_e32"  # open_clip tag, a local weights file, or "random"
     image_size: int = 240  # 15×15 patch grid
     shots: int = 1  # k normal reference images per category (PromptAD is few-shot only: >= 1)
-    reference_seed: int = 10  # seed of the shared reference-image draw
+    reference_seed: int = 10  # seed of the shared reference-image draw ("seeded" protocol)
+    reference_protocol: str = "seeded"  # or "list": the reference's fixed per-category index files
+    reference_list: str | None = None  # for "list": PromptAD's datasets/seeds_<dataset> folder
     n_ctx: int = 4  # learned context vectors per normal prompt
     n_anomaly_ctx: int = 1  # learned anomaly-suffix vectors per learned anomaly prompt
     n_prompts_image: int = 3  # normal prompts of the image-score prompt set (train_cls.py n_pro)

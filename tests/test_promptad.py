@@ -213,3 +213,21 @@ def test_memory_layers_matter(weights, images) -> None:
     for detector in (a, b):
         detector.set_reference(batch[:1], "bottle")
     assert not torch.allclose(a.score_grids(batch[2:], "bottle")[2], b.score_grids(batch[2:], "bottle")[2])
+
+
+def test_listed_reference_protocol(tmp_path, weights) -> None:
+    folder = tmp_path / "seeds_mvtec" / "bottle"
+    folder.mkdir(parents=True)
+    (folder / "selected_samples_per_run.txt").write_text("#1: 131\n#2: 101 048\n#4: 029 045 192 127\n")
+    detector = PromptAD(pretrained=weights, shots=2, reference_protocol="list",
+                        reference_list=str(tmp_path / "seeds_mvtec"), **TINY)
+    assert detector.reference_indices(209, "bottle") == [101, 48]
+    with pytest.raises(ValueError, match="0..99"):
+        detector.reference_indices(100, "bottle")
+    with pytest.raises(FileNotFoundError, match="'carpet'"):
+        detector.reference_indices(209, "carpet")
+    seeded = PromptAD(pretrained=weights, shots=2, **TINY)
+    assert seeded.reference_indices(209, "bottle") == torch.randint(
+        209, (2,), generator=torch.Generator().manual_seed(10)).tolist()
+    with pytest.raises(ValueError, match="reference_protocol"):
+        PromptAD(pretrained=weights, shots=2, reference_protocol="other", **TINY).reference_indices(9, "bottle")
