@@ -12,7 +12,8 @@ tests/parity/ref_promptad.py). Two figures, medians over alternating repeats wit
   ``set_reference`` followed by one ``predict`` of the same batch. Needs the reference's training scripts to import
   (cv2, loguru, seaborn); skipped otherwise.
 
-Target: ratio (reference time / ours) >= 1. Without ``--ref-root`` only zsadbench's times are printed.
+Target: ratio (reference time / ours) >= 1. Without ``--ref-root`` (or ``ZSADBENCH_PARITY_PROMPTAD``) only zsadbench's
+times are printed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from types import SimpleNamespace
 def parse_args() -> argparse.Namespace:
     """Returns the command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref-root", default=None, help="checkout of github.com/FuNz-0/PromptAD")
+    parser.add_argument("--ref-root", default=os.environ.get("ZSADBENCH_PARITY_PROMPTAD"),
+                        help="checkout of github.com/FuNz-0/PromptAD (default: $ZSADBENCH_PARITY_PROMPTAD)")
     parser.add_argument("--repeats", type=int, default=5, help="timed predicts per side (after one warm-up)")
     parser.add_argument("--batch", type=int, default=2, help="test images per predict")
     parser.add_argument("--shots", type=int, default=1)
