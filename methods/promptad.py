@@ -258,7 +258,7 @@ class PromptAD(Detector, FewShot):
                            for c, m in self.categories.items()}
         return self
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, str | int | bool]:
         """Returns the backbone facts (weights id, activation)."""
         return self.backbone.describe()
 
@@ -300,7 +300,8 @@ class PromptAD(Detector, FewShot):
         losses = []
         for _ in tqdm(range(fit.epochs), desc=description, disable=not fit.progress, leave=False):
             optimizer.zero_grad()
-            step = anchor_losses(features, *prompts(self.clip), logit_scale, fit.lambda1)
+            normal, manual, learned = prompts(self.clip)
+            step = anchor_losses(features, normal, manual, learned, logit_scale, fit.lambda1)
             step["loss"].backward()
             optimizer.step()
             schedule.step()
