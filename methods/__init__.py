@@ -6,5 +6,6 @@ from zsadbench.methods import (
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
     headclip,  # noqa: E402,F401  (registers "headclip")
     musc,  # noqa: E402,F401  (registers "musc")
+    promptad,  # noqa: E402,F401  (registers "promptad")
     winclip,  # noqa: E402,F401  (registers "winclip")
 )

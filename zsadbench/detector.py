@@ -223,12 +223,49 @@ class FewShot(abc.ABC):
     def reference_indices(self, num_available: int, category: str) -> list[int]:
         """Returns the indices of the reference images among the category's normal training images.
 
-        Default protocol (AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices with
-        replacement, so duplicates are possible and the draw is reproducible per category.
+        Protocol ``reference_protocol`` of the method's config:
+
+        - ``"seeded"`` (default; AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices
+          with replacement, so duplicates are possible and the draw is reproducible per category;
+        - ``"list"``: fixed per-category index lists read from the folder ``reference_list`` (WinCLIP/PromptAD's
+          ``seeds_<dataset>/<category>/selected_samples_per_run.txt``, see :func:`listed_reference_indices`).
         """
         if self.shots > num_available:  # a draw with replacement would repeat images and call it k-shot
             raise ValueError(f"category {category!r} has {num_available} normal training image"
                              f"{'' if num_available == 1 else 's'}: too few for {self.shots} shots (--shots)")
+        protocol = str(getattr(self.config, "reference_protocol", "seeded"))  # type: ignore[attr-defined]
+        if protocol == "list":
+            folder = getattr(self.config, "reference_list", None)  # type: ignore[attr-defined]
+            if not folder:
+                raise ValueError("reference_protocol=list needs reference_list, the folder of per-category index "
+                                 "files (--set reference_list=PATH)")
+            return listed_reference_indices(Path(folder), category, self.shots, num_available)
+        if protocol != "seeded":
+            raise ValueError(f"unknown reference_protocol {protocol!r}; choose 'seeded' or 'list'")
         seed = int(getattr(self.config, "reference_seed", 10))  # type: ignore[attr-defined]
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(num_available, (self.shots,), generator=generator).tolist()
+
+
+def listed_reference_indices(folder: Path, category: str, shots: int, num_available: int) -> list[int]:
+    """Returns the k indices listed for ``category`` in ``folder/<category>/selected_samples_per_run.txt``.
+
+    The file has one line per k, ``#k: i_1 i_2 ...`` (the seed files of WinCLIP's and PromptAD's code). Indices are
+    positions in the category's normal training images as the dataset lists them (sorted by file name; for MVTec AD
+    and VisA the position equals the file number).
+    """
+    path = folder / category / "selected_samples_per_run.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no reference list for category {category!r}: {path} does not exist")
+    for line in path.read_text().splitlines():
+        head, _, rest = line.partition(":")
+        if head.strip() == f"#{shots}":
+            try:
+                indices = [int(token) for token in rest.split()]
+            except ValueError:
+                raise ValueError(f"{path}: line {line!r} holds something other than integer indices") from None
+            if len(indices) != shots or any(not 0 <= i < num_available for i in indices):
+                raise ValueError(f"{path}: line {line!r} does not give {shots} indices in 0..{num_available - 1} "
+                                 f"(category {category!r} has {num_available} normal training images)")
+            return indices
+    raise ValueError(f"{path} has no line for {shots} shots ('#{shots}: ...')")

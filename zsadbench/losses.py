@@ -1,7 +1,8 @@
-"""Segmentation losses of the CLIP-based ZSAD methods (AnomalyCLIP, AdaptCLIP, HeadCLIP), on probabilities.
+"""Losses of the CLIP-based ZSAD methods.
 
-Both follow zqhang/AnomalyCLIP ``loss.py`` (AdaptCLIP's ``loss.py`` is the same): the inputs are already softmax
-probabilities, so neither loss applies a nonlinearity of its own.
+Segmentation losses of AnomalyCLIP, AdaptCLIP and HeadCLIP, on probabilities: both follow zqhang/AnomalyCLIP
+``loss.py`` (AdaptCLIP's ``loss.py`` is the same); the inputs are already softmax probabilities, so neither loss applies
+a nonlinearity of its own. PromptAD's explicit anomaly margin: :func:`triplet_margin_loss`.
 """
 
 from __future__ import annotations
@@ -36,3 +37,15 @@ def binary_dice_loss(prediction: Tensor, target: Tensor, smooth: float = 1.0) ->
     y = target.reshape(batch, -1).to(x.dtype)
     dice = (2 * (x * y).sum(1) + smooth) / (x.sum(1) + y.sum(1) + smooth)
     return 1 - dice.sum() / batch
+
+
+def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 0.0) -> Tensor:
+    """Returns mean(relu(Σ_dim1 (a - p)² - Σ_dim1 (a - n)² + margin)), PromptAD's ``TripletLoss`` (squared distances).
+
+    The sums run over dimension 1 as in the reference: the feature axis for (B, E) anchors, but the *patch* axis for
+    (B, P, E) anchors (PromptAD's segmentation prompts), where the hinge then applies per feature channel. Kept as the
+    reference computes it. ``positive`` and ``negative`` broadcast against ``anchor``.
+    """
+    positive_distance = (anchor - positive).pow(2).sum(dim=1)
+    negative_distance = (anchor - negative).pow(2).sum(dim=1)
+    return torch.relu(positive_distance - negative_distance + margin).mean()

@@ -49,6 +49,8 @@ class DualPathOutput:
     tokens: Tensor  # (B, 1 + P, D): final original-path residual stream (before ln_post)
     vv_taps: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, 1 + P, D) V-V stream v_l (raw)
     original_taps: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, 1 + P, D) original stream o_l
+    # layer -> (B, 1 + P, D) original stream half-way through block l: o_{l-1} + A_l(ln_1(o_{l-1})), before its MLP
+    attention_taps: dict[int, Tensor] = field(default_factory=dict)
 
     def patch_features(self, visual: VisionTower, layers: Sequence[int]) -> list[Tensor]:
         """Returns ``ln_post(v_l) @ proj`` (B, 1 + P, E) for each tapped V-V layer l, in the order asked."""
@@ -66,11 +68,15 @@ def _head_weighted(layer: int, head_weights: HeadWeightsFn) -> Callable[[nn.Mult
 
 
 def forward_dual_path(visual: VisionTower, images: Tensor, *, start_layer: int = 6, vv_taps: Sequence[int] = (24,),
-                      original_taps: Sequence[int] = (), head_weights: HeadWeightsFn | None = None) -> DualPathOutput:
+                      original_taps: Sequence[int] = (), attention_taps: Sequence[int] = (),
+                      head_weights: HeadWeightsFn | None = None) -> DualPathOutput:
     """Returns the global feature, the final tokens and the requested taps of both streams of the dual-path tower.
 
     ``start_layer`` is the first (1-based) block with the V-V path; V-V taps must lie in start_layer..L. Gradients flow
     as usual: run it under ``torch.no_grad()`` when the tower is frozen and nothing before the output is learned.
+    ``attention_taps`` (start_layer..L) read the original stream after a block's attention residual, before its MLP:
+    what PromptAD's forward hooks end up holding (the next block adds its attention output to the hooked tensor in
+    place).
     """
     check_supported(visual)
     blocks = visual.transformer.resblocks
@@ -79,14 +85,16 @@ def forward_dual_path(visual: VisionTower, images: Tensor, *, start_layer: int =
         raise ValueError(f"V-V start layer {start_layer} is outside 1..{depth}")
     bad = [k for k in vv_taps if not start_layer <= k <= depth]
     bad += [k for k in original_taps if not 1 <= k <= depth]
+    bad += [k for k in attention_taps if not start_layer <= k <= depth]
     if bad:
-        raise ValueError(f"layer taps {sorted(bad)} are outside the tower (V-V taps: {start_layer}..{depth}, "
-                         f"original-path taps: 1..{depth})")
-    want_vv, want_original = set(vv_taps), set(original_taps)
+        raise ValueError(f"layer taps {sorted(bad)} are outside the tower (V-V and attention taps: "
+                         f"{start_layer}..{depth}, original-path taps: 1..{depth})")
+    want_vv, want_original, want_attention = set(vv_taps), set(original_taps), set(attention_taps)
     x = visual.ln_pre(embed_patches(visual, images))
     vv: Tensor | None = None
     vv_out: dict[int, Tensor] = {}
     original_out: dict[int, Tensor] = {}
+    attention_out: dict[int, Tensor] = {}
     for layer, block in enumerate(blocks, start=1):
         if layer < start_layer:
             if head_weights is None:
@@ -99,6 +107,8 @@ def forward_dual_path(visual: VisionTower, images: Tensor, *, start_layer: int =
                                                    head_weights(layer, u))
             vv = (x if vv is None else vv) + block.ls_1(value_value)
             x = x + block.ls_1(original)
+            if layer in want_attention:
+                attention_out[layer] = x
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
             if layer in want_vv:
                 vv_out[layer] = vv
@@ -106,4 +116,4 @@ def forward_dual_path(visual: VisionTower, images: Tensor, *, start_layer: int =
             original_out[layer] = x
     global_feature = x[:, 0] @ visual.proj if visual.proj is not None else x[:, 0]
     return DualPathOutput(global_feature, x, {k: vv_out[k] for k in vv_taps},
-                          {k: original_out[k] for k in original_taps})
+                          {k: original_out[k] for k in original_taps}, {k: attention_out[k] for k in attention_taps})

@@ -1,4 +1,5 @@
-"""Learnable text prompts: AnomalyCLIP's object-agnostic prompts with deep text prompts, AdaptCLIP's input prompts.
+"""Learnable text prompts: AnomalyCLIP's object-agnostic prompts with deep text prompts, AdaptCLIP's input prompts,
+PromptAD's semantic concatenation (:class:`ConcatenatedPrompts`, at the end of the module).
 
 Two prompts, normal and abnormal, each ``[SOT] X_1 .. X_n <text> [EOT]`` where the n placeholder embeddings are
 learned context vectors (CoOp style) and ``<text>`` is fixed: AnomalyCLIP "object." / "damaged object.", AdaptCLIP's
@@ -155,3 +156,89 @@ class LearnablePrompts(nn.Module):
         if ignored:
             log.info("checkpoint %s: ignoring %d unused compound_prompt_projections tensors", source, len(ignored))
         self.load_state_dict(params, strict=True)
+
+
+class ConcatenatedPrompts(nn.Module):
+    """PromptAD's learnable prompts: normal prompts and the anomaly prompts made from them by semantic concatenation.
+
+    ``n_prompts`` normal prompts ``[SOT] N_1 .. N_n <class>. [EOT]`` each have their own ``n_ctx`` learned context
+    vectors (CoOp). Anomaly prompts reuse the normal contexts (PromptAD §3.2, semantic concatenation):
+
+    - manual: every normal context followed by a hand-written anomaly state, ``N_1 .. N_n damaged <class>.``, one per
+      (state, normal prompt), state-major;
+    - learned: every normal context followed by a learned anomaly suffix, ``N_1 .. N_n A_1 .. A_m <class>.``; row r
+      pairs normal context ``r % n_prompts`` with anomaly context ``r % n_anomaly_prompts``, as the reference's two
+      ``expand(...).reshape`` calls do (every pair once when the counts are coprime).
+
+    Placeholder words "N" and "A" (one BPE token each) are tokenised and their embeddings swapped for the contexts, as
+    the reference does. Parameter names follow the reference (``normal_ctx``, ``abnormal_ctx``).
+    """
+
+    normal_ids: Tensor  # (n_prompts, L)
+    manual_ids: Tensor  # (n_states * n_prompts, L)
+    learned_ids: Tensor  # (n_anomaly_prompts * n_prompts, L)
+    normal_embeddings: Tensor  # frozen token embeddings of the three groups (buffers, not saved)
+    manual_embeddings: Tensor
+    learned_embeddings: Tensor
+
+    def __init__(self, clip: ClipModel, model_name: str, class_word: str, anomaly_states: Sequence[str], *,
+                 n_ctx: int = 4, n_prompts: int = 3, n_anomaly_ctx: int = 1, n_anomaly_prompts: int = 4,
+                 init_std: float = 0.02, seed: int = 0) -> None:
+        super().__init__()
+        if min(n_ctx, n_prompts, n_anomaly_ctx, n_anomaly_prompts) < 1:
+            raise ValueError(f"ConcatenatedPrompts: context lengths and prompt counts must be >= 1, got n_ctx={n_ctx}, "
+                             f"n_prompts={n_prompts}, n_anomaly_ctx={n_anomaly_ctx}, "
+                             f"n_anomaly_prompts={n_anomaly_prompts}")
+        if not anomaly_states:
+            raise ValueError("ConcatenatedPrompts: at least one hand-written anomaly state is needed")
+        token_embedding = TextTower(clip).token_embedding
+        width = token_embedding.weight.shape[1]
+        self.n_ctx, self.n_prompts = n_ctx, n_prompts
+        self.n_anomaly_ctx, self.n_anomaly_prompts = n_anomaly_ctx, n_anomaly_prompts
+        self.class_word, self.anomaly_states = class_word, tuple(anomaly_states)
+        generator = torch.Generator().manual_seed(seed)
+        # init order as the reference: normal contexts, then anomaly contexts
+        self.normal_ctx = nn.Parameter(init_std * torch.randn(n_prompts, n_ctx, width, generator=generator))
+        self.abnormal_ctx = nn.Parameter(init_std * torch.randn(n_anomaly_prompts, n_anomaly_ctx, width,
+                                                                generator=generator))
+        normal_prefix = " ".join(["N"] * n_ctx)
+        anomaly_prefix = " ".join(["A"] * n_anomaly_ctx)
+        texts = {
+            "normal": [f"{normal_prefix} {class_word}."] * n_prompts,
+            "manual": [f"{normal_prefix} {state.format(class_word)}." for state in self.anomaly_states
+                       for _ in range(n_prompts)],
+            "learned": [f"{normal_prefix} {anomaly_prefix} {class_word}."] * (n_anomaly_prompts * n_prompts),
+        }
+        device = token_embedding.weight.device
+        for group, prompts in texts.items():
+            ids = tokenize(model_name, prompts).to(device)
+            if ids[:, -1].ne(0).any():  # the tokenizer truncates silently; a full row means it did
+                raise ValueError(f"prompt {prompts[0]!r} does not fit the text context of {ids.shape[1]} tokens")
+            with torch.no_grad():
+                embeddings = token_embedding(ids).float()
+            self.register_buffer(f"{group}_ids", ids, persistent=False)
+            self.register_buffer(f"{group}_embeddings", embeddings, persistent=False)
+
+    def input_embeddings(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the text-encoder inputs (normal, manual anomaly, learned anomaly), each (rows, L, W)."""
+        n, m = self.n_ctx, self.n_anomaly_ctx
+        normal_ctx = self.normal_ctx
+        manual_rows = self.manual_ids.shape[0]
+        learned_rows = self.learned_ids.shape[0]
+        manual_ctx = normal_ctx.repeat(manual_rows // self.n_prompts, 1, 1)  # row r: normal context r % n_prompts
+        learned_normal = normal_ctx.repeat(self.n_anomaly_prompts, 1, 1)
+        learned_anomaly = self.abnormal_ctx.repeat(self.n_prompts, 1, 1)  # row r: anomaly context r % n_anomaly
+        e_normal, e_manual, e_learned = self.normal_embeddings, self.manual_embeddings, self.learned_embeddings
+        normal = torch.cat([e_normal[:, :1], normal_ctx, e_normal[:, 1 + n:]], dim=1)
+        manual = torch.cat([e_manual[:, :1], manual_ctx, e_manual[:, 1 + n:]], dim=1)
+        learned = torch.cat([e_learned[:, :1], learned_normal, learned_anomaly, e_learned[:, 1 + n + m:]], dim=1)
+        assert manual.shape[0] == manual_rows and learned.shape[0] == learned_rows
+        return normal, manual, learned
+
+    def forward(self, clip: ClipModel) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the unnormalised text features (normal, manual anomaly, learned anomaly), each (rows, E)."""
+        groups = self.input_embeddings()
+        ids = torch.cat([self.normal_ids, self.manual_ids, self.learned_ids])
+        features = encode_text_embeddings(clip, torch.cat(groups), end_of_text_index(ids))  # one pass for all rows
+        normal, manual, learned = features.split([g.shape[0] for g in groups])
+        return normal, manual, learned
