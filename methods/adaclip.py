@@ -179,6 +179,10 @@ class AdaCLIP(LearnedPartsDetector):
     """AdaCLIP: static + dynamic prompts in both CLIP encoders, multi-layer patch maps, hybrid semantic fusion."""
 
     label = "AdaCLIP"
+    paper = "arXiv:2407.15795"
+    reference = "caoyunkang/AdaCLIP@e27ee32"
+    code_license = "MIT"
+    weights_license = "MIT (OpenAI CLIP); released AdaCLIP weights: per the reference's README"
     Config = AdaCLIPConfig
     learned_parts = "prompts"
     # untrained prompts on a tiny seeded backbone: guards the prompted towers, the maps and the HSF score

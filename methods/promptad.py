@@ -211,6 +211,10 @@ class PromptAD(Detector, FewShot):
     """PromptAD: prompts learned per category from K normal shots, fused with a visual memory of the shots."""
 
     label = "PromptAD"
+    paper = "arXiv:2404.05231"
+    reference = "FuNz-0/PromptAD@0f86ce0"
+    code_license = "The Unlicense"
+    weights_license = "MIT (open_clip LAION-400M ViT-B-16-plus-240)"
     Config = PromptADConfig
     regression_variants = {  # tiny seeded backbone (12-layer vision tower, 80 px: 5×5 grid), short fit
         "1-shot": {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80, "shots": 1,
