@@ -1,7 +1,7 @@
 """Comparison of an AnomalyCLIP-family detector with the outputs of the zqhang/AnomalyCLIP parity driver.
 
 Shared by the AnomalyCLIP and HeadCLIP parity tests: the driver (tests/parity/ref_anomalyclip.py) saves the
-reference's inputs and every intermediate tensor of specs/anomalyclip.md §14; :func:`compare_inference` feeds the same
+reference's inputs and every intermediate tensor; :func:`compare_inference` feeds the same
 raw images through the detector and returns the max abs (and relative) differences per tensor.
 """
 

@@ -1,4 +1,4 @@
-"""Loaders on small fake trees that reproduce each layout quirk of the real benchmarks (specs/datasets.md §7)."""
+"""Loaders on small fake trees that reproduce each layout quirk of the real benchmarks."""
 
 from __future__ import annotations
 

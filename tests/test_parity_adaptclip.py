@@ -3,7 +3,7 @@
 The reference (GPL-2.0) is never vendored: the project's driver ``tests/parity/ref_adaptclip.py`` imports it from a
 work tree of gaobb/AdaptCLIP (@354d9e3) named on its command line, replays its test.py (zero-shot and k-shot in one
 run) on a random full-size ViT-L-14-336 state dict (``tests/parity/make_weights.py``) with seeded random adapters
-(non-trivial BatchNorm statistics) and saves every tensor of specs/adaptclip.md §15, plus the adapters in the authors'
+(non-trivial BatchNorm statistics) and saves every intermediate tensor, plus the adapters in the authors'
 layout (``<OUT>_adapters.pth``, the layout of the released epoch_15.pth). This test loads that file through
 ``--checkpoint``'s loader, feeds the same raw images and prompt images, and compares (a few minutes on CPU)::
 

@@ -1,7 +1,7 @@
 """Parity of zsadbench's HeadCLIP head weights with zqhang/AnomalyCLIP through the folding identity (optional).
 
 The official HeadCLIP code is not available, so its learnable head weights are checked against the AnomalyCLIP
-reference (specs/headclip.md §5 rows 2-3): static weights w (U(0.5, 1.5), three heads switched off) on all 24 layers
+reference (docs/methods/headclip.md): static weights w (U(0.5, 1.5), three heads switched off) on all 24 layers
 must equal the reference run on CLIP weights whose attention out-projection input columns are scaled per head by w,
 in both DPAM paths. This test writes that folded weights file and the reference command when they are missing::
 
