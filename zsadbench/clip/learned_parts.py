@@ -1,15 +1,17 @@
-"""Base class of the methods that train small parts over a frozen CLIP: AnomalyCLIP, HeadCLIP, AdaptCLIP.
+"""Base class of the methods that train small parts over a frozen CLIP: AnomalyCLIP, HeadCLIP, AdaptCLIP, APRIL-GAN.
 
-What they share, written once: the frozen backbone (open_clip, resized positional embedding, the dual V-V path from
-``vv_start_layer`` with taps in ``feature_layers``), the 518 px squash preprocessing, the learned parts as named
-modules (their parameters, train/eval switch, device, checkpoint state ``<part>.<key>``), checkpoints in zsadbench's
-format or in the authors' released layout, and the warning when a real backbone runs with untrained parts.
+What they share, written once: the frozen backbone (open_clip, resized positional embedding, taps in
+``feature_layers``: of the dual V-V path from ``vv_start_layer``, or of the plain tower), the 518 px squash
+preprocessing, the learned parts as named modules (their parameters, train/eval switch, device, checkpoint state
+``<part>.<key>``), checkpoints in zsadbench's format or in the authors' released layout, and the warning when a real
+backbone runs with untrained parts.
 
 A method's config provides ``model``, ``pretrained``, ``image_size``, ``pos_embed_mode``, ``activation``,
-``vv_start_layer``, ``feature_layers``, ``checkpoint`` and a ``train`` group; the method implements
-:meth:`LearnedPartsDetector.build_learnable_parts`, :meth:`~LearnedPartsDetector.learnable_modules`, ``predict`` and
-``training_step``, and for the authors' files :meth:`~LearnedPartsDetector.is_reference_checkpoint` and
-:meth:`~LearnedPartsDetector.load_reference_checkpoint`.
+``vv_start_layer`` (only methods on the V-V path), ``feature_layers``, ``checkpoint`` and a ``train`` group; the
+method implements :meth:`LearnedPartsDetector.build_learnable_parts`, :meth:`~LearnedPartsDetector.learnable_modules`,
+``predict`` and ``training_step``, and for the authors' files :meth:`~LearnedPartsDetector.is_reference_checkpoint`
+and :meth:`~LearnedPartsDetector.load_reference_checkpoint`; :meth:`~LearnedPartsDetector.load_backbone` may resolve
+the activation differently.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
-from zsadbench.clip.backbone import load_clip
+from zsadbench.clip.backbone import ClipBackbone, load_clip
 from zsadbench.detector import Detector, Trainable
 from zsadbench.tracking import file_sha256
 from zsadbench.transforms import ClipTransform
@@ -38,14 +40,14 @@ class LearnedPartsDetector(Detector, Trainable):
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
         cfg = self.config
-        self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=cfg.activation, seed=seed)
+        self.backbone = self.load_backbone(seed)
         self.clip = self.backbone.model
         depth = len(self.clip.visual.transformer.resblocks)
-        bad = [layer for layer in cfg.feature_layers if not cfg.vv_start_layer <= layer <= depth]
+        first = getattr(cfg, "vv_start_layer", 1)  # methods without the V-V path may tap any block
+        bad = [layer for layer in cfg.feature_layers if not first <= layer <= depth]
         if not cfg.feature_layers or bad:
-            raise ValueError(f"{self.name}: feature_layers {list(cfg.feature_layers)} must be V-V layers "
-                             f"{cfg.vv_start_layer}..{depth}")
+            kind = "V-V layers" if hasattr(cfg, "vv_start_layer") else "blocks"
+            raise ValueError(f"{self.name}: feature_layers {list(cfg.feature_layers)} must be {kind} {first}..{depth}")
         self._transform = ClipTransform(cfg.image_size)
         self.checkpoint_source: str | None = None  # sha256 of the loaded checkpoint
         self._fitted = False  # trained in this session (no checkpoint needed to score meaningfully)
@@ -54,6 +56,12 @@ class LearnedPartsDetector(Detector, Trainable):
         self.set_train_mode(False)
         if cfg.checkpoint:
             self.load_checkpoint(cfg.checkpoint)
+
+    def load_backbone(self, seed: int) -> ClipBackbone:
+        """Returns the frozen CLIP of the config (``model``, ``pretrained``, ``image_size``, resize mode, activation)."""
+        cfg = self.config
+        return load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size, pos_embed_mode=cfg.pos_embed_mode,
+                         activation=cfg.activation, seed=seed)
 
     # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
     @property
