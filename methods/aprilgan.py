@@ -65,8 +65,14 @@ from zsadbench.checkpoints import CheckpointError, check_keys
 from zsadbench.clip.backbone import ClipBackbone, load_clip
 from zsadbench.clip.learned_parts import LearnedPartsDetector
 from zsadbench.clip.scoring import upsampled_logit_probabilities
-from zsadbench.clip.text import (APRILGAN_ANOMALOUS_STATES, APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES,
-                                 TextFeatureCache, compositional_prompts, prompt_ensemble_features)
+from zsadbench.clip.text import (
+    APRILGAN_ANOMALOUS_STATES,
+    APRILGAN_NORMAL_STATES,
+    APRILGAN_TEMPLATES,
+    TextFeatureCache,
+    compositional_prompts,
+    prompt_ensemble_features,
+)
 from zsadbench.clip.vision import forward_vision
 from zsadbench.detector import FewShot, ImageSet
 from zsadbench.losses import binary_dice_loss, focal_loss
@@ -90,7 +96,7 @@ class AprilGANConfig:
     logit_scale: float = 100.0  # the reference's fixed 100 · cos (not the model's learned logit_scale)
     shots: int = 0  # k normal reference images per category (0 = zero-shot)
     reference_seed: int = 42  # seed of the per-category few-shot draw (test_few_shot.sh: --seed 42)
-    checkpoint: str | None = None  # trained adapters: a zsadbench checkpoint or the authors' {mvtec,visa}_pretrained.pth
+    checkpoint: str | None = None  # a zsadbench checkpoint or the authors' {mvtec,visa}_pretrained.pth
     train: TrainConfig = field(default_factory=lambda: TrainConfig(seed=111))
 
 
@@ -198,7 +204,7 @@ class AprilGAN(LearnedPartsDetector, FewShot):
 
     # ---- 3. zero-shot ------------------------------------------------------------------------------------------------
     def layer_probabilities(self, patch_tokens: Sequence[Tensor], text: Tensor) -> list[Tensor]:
-        """Returns per adapted layer the (B, 2, H, W) [normal, anomalous] probabilities against (2, E) or (B, 2, E) T."""
+        """Returns per adapted layer (B, 2, H, W) [normal, anomalous] probabilities against (2, E) or (B, 2, E) T."""
         return [upsampled_logit_probabilities(tokens, text, self.config.logit_scale, self.input_size)
                 for tokens in self.adapters(patch_tokens)]
 
@@ -207,9 +213,12 @@ class AprilGAN(LearnedPartsDetector, FewShot):
         cosine = F.normalize(image_features, dim=-1) @ text.T
         return (self.config.logit_scale * cosine).softmax(dim=-1)[:, 1]
 
-    def zero_shot(self, images: Tensor, category: str) -> tuple[Tensor, Tensor]:
-        """Returns (image probabilities (B,), zero-shot maps (B, H, W): the sum over layers of P(anomalous))."""
-        image_features, patch_tokens = self.encode_images(images, self.config.feature_layers)
+    def zero_shot(self, image_features: Tensor, patch_tokens: Sequence[Tensor],
+                  category: str) -> tuple[Tensor, Tensor]:
+        """Returns (image probabilities (B,), zero-shot maps (B, H, W): the sum over layers of P(anomalous)).
+
+        ``patch_tokens``: the raw patch tokens of the ``feature_layers``, in that order.
+        """
         text = self.text_features(category)
         probabilities = self.layer_probabilities(patch_tokens, text)
         maps = torch.stack([p[:, 1] for p in probabilities]).sum(dim=0)
@@ -226,49 +235,56 @@ class AprilGAN(LearnedPartsDetector, FewShot):
         _, tokens = self.encode_images(images, self.config.memory_layers)
         self.memories[category] = [t.reshape(-1, t.shape[-1]) for t in tokens]
 
-    def memory_distance(self, images: Tensor, category: str) -> Tensor:
-        """Returns (B, H, W): per layer each patch's cosine distance to its nearest memory patch, upsampled, summed."""
+    def memory_distance(self, patch_tokens: Sequence[Tensor], category: str) -> Tensor:
+        """Returns (B, H, W): per layer each patch's cosine distance to its nearest memory patch, upsampled, summed.
+
+        ``patch_tokens``: the raw patch tokens of the ``memory_layers``, in that order.
+        """
         memory = self.memories.get(category)
         if memory is None:
             raise RuntimeError(f"aprilgan: shots={self.shots} but no reference images were set for category "
                                f"{category!r}; call set_reference(images, {category!r}) first")
-        _, patch_tokens = self.encode_images(images, self.config.memory_layers)
-        total = None
-        for tokens, normal in zip(patch_tokens, memory):
+        total = torch.zeros(())
+        for tokens, normal in zip(patch_tokens, memory, strict=True):
             distance = (1.0 - F.normalize(tokens, dim=-1) @ F.normalize(normal, dim=-1).T).amin(dim=-1)
             side = int(distance.shape[1] ** 0.5)
             grid = distance.reshape(-1, 1, side, side)
-            upsampled = F.interpolate(grid, size=self.input_size, mode="bilinear", align_corners=True)[:, 0]
-            total = upsampled if total is None else total + upsampled
-        assert total is not None  # memory_layers is never empty: set_reference encoded at least one layer
+            total = total + F.interpolate(grid, size=self.input_size, mode="bilinear", align_corners=True)[:, 0]
         return total
 
     # ---- inference ---------------------------------------------------------------------------------------------------
+    def score_batch(self, images: Tensor, category: str) -> tuple[Tensor, Tensor]:
+        """Returns (zero-shot image probabilities (B,), maps (B, H, W)) of a batch; one forward serves both branches."""
+        cfg: AprilGANConfig = self.config
+        memory_layers = tuple(cfg.memory_layers) if self.shots > 0 else ()
+        layers = sorted(set(cfg.feature_layers) | set(memory_layers))
+        image_features, tokens = self.encode_images(images, layers)
+        by_layer = dict(zip(layers, tokens))
+        probabilities, maps = self.zero_shot(image_features, [by_layer[k] for k in cfg.feature_layers], category)
+        if memory_layers:
+            maps = maps + self.memory_distance([by_layer[k] for k in memory_layers], category)
+        return probabilities, maps
+
     @torch.no_grad()
     def predict(self, images: Tensor, category: str) -> Prediction:
         """Returns image scores (B,) and anomaly maps (B, S, S); with shots > 0 the batch is the whole category."""
         if self.shots > 0:
             return self.predict_set(ImageSet.from_tensor(images, batch_size=max(1, len(images))), category)
         self.warn_if_untrained()
-        scores, maps = self.zero_shot(images, category)
-        return Prediction(scores, maps)
+        return Prediction(*self.score_batch(images, category))
 
     @torch.no_grad()
     def predict_set(self, images: ImageSet, category: str) -> Prediction:
         """Returns the scores and maps of a whole category (k-shot: image scores min-max normalised over it)."""
         self.warn_if_untrained()
-        probabilities, maps = [], []
-        for batch in images.batches():
-            p, zero_shot_map = self.zero_shot(batch, category)
-            probabilities.append(p)
-            maps.append(zero_shot_map + self.memory_distance(batch, category) if self.shots > 0 else zero_shot_map)
-        p, m = torch.cat(probabilities), torch.cat(maps)
+        batches = [self.score_batch(batch, category) for batch in images.batches()]
+        probabilities, maps = torch.cat([p for p, _ in batches]), torch.cat([m for _, m in batches])
         if self.shots == 0:
-            return Prediction(p, m)
-        maxima = m.flatten(1).amax(dim=1)
+            return Prediction(probabilities, maps)
+        maxima = maps.flatten(1).amax(dim=1)
         spread = maxima.max() - maxima.min()
         normalised = (maxima - maxima.min()) / spread if spread > 0 else torch.zeros_like(maxima)
-        return Prediction(0.5 * (p + normalised), m)
+        return Prediction(0.5 * (probabilities + normalised), maps)
 
     # ---- 5. training -------------------------------------------------------------------------------------------------
     def training_step(self, images: Tensor, masks: Tensor, labels: Tensor,

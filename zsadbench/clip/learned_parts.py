@@ -58,7 +58,7 @@ class LearnedPartsDetector(Detector, Trainable):
             self.load_checkpoint(cfg.checkpoint)
 
     def load_backbone(self, seed: int) -> ClipBackbone:
-        """Returns the frozen CLIP of the config (``model``, ``pretrained``, ``image_size``, resize mode, activation)."""
+        """Returns the frozen CLIP of the config (model, weights, image size, resize mode, activation)."""
         cfg = self.config
         return load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size, pos_embed_mode=cfg.pos_embed_mode,
                          activation=cfg.activation, seed=seed)
