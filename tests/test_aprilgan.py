@@ -50,6 +50,30 @@ def images(count: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
+_TEXT: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def reference_text(detector: AprilGAN, word: str) -> torch.Tensor:
+    """The reference's prompt_ensemble.py on open_clip's own encode_text (full 77-token sequences): (E, 2)."""
+    key = (id(detector.clip), word)
+    if key not in _TEXT:
+        normal = [t.format(s.format(word)) for s in ("{}", "flawless {}", "perfect {}", "unblemished {}",
+                                                      "{} without flaw", "{} without defect", "{} without damage")
+                  for t in TEMPLATES]
+        anomalous = [t.format(s.format(word)) for s in ("damaged {}", "broken {}", "{} with flaw", "{} with defect",
+                                                         "{} with damage") for t in TEMPLATES]
+        assert len(normal) == 245 and len(anomalous) == 175
+        text = []
+        with torch.no_grad():
+            for sentences in (normal, anomalous):
+                e = detector.clip.encode_text(tokenize(MODEL, sentences))
+                e = e / e.norm(dim=-1, keepdim=True)
+                e = e.mean(0)
+                text.append(e / e.norm())
+        _TEXT[key] = torch.stack(text, dim=1)  # (E, 2) as the reference stacks it
+    return _TEXT[key]
+
+
 def written_out(detector: AprilGAN, x: torch.Tensor, word: str):
     """The reference's test.py computation, written out on open_clip's own forward (block outputs caught by hooks)."""
     clip = detector.clip
@@ -60,20 +84,8 @@ def written_out(detector: AprilGAN, x: torch.Tensor, word: str):
         g = clip.encode_image(x)
     for hook in hooks:
         hook.remove()
-    normal = [t.format(s.format(word)) for s in ("{}", "flawless {}", "perfect {}", "unblemished {}",
-                                                  "{} without flaw", "{} without defect", "{} without damage")
-              for t in TEMPLATES]
-    anomalous = [t.format(s.format(word)) for s in ("damaged {}", "broken {}", "{} with flaw", "{} with defect",
-                                                     "{} with damage") for t in TEMPLATES]
-    assert len(normal) == 245 and len(anomalous) == 175
+    t = reference_text(detector, word)
     with torch.no_grad():
-        text = []
-        for sentences in (normal, anomalous):
-            e = clip.encode_text(tokenize(MODEL, sentences))  # full 77-token sequences
-            e = e / e.norm(dim=-1, keepdim=True)
-            e = e.mean(0)
-            text.append(e / e.norm())
-        t = torch.stack(text, dim=1)  # (E, 2) as the reference stacks it
         score = (100.0 * (g / g.norm(dim=-1, keepdim=True)) @ t).softmax(-1)[:, 1]
         maps = []
         for layer, fc in zip((6, 12, 18, 24), detector.adapters.fc):
@@ -213,9 +225,13 @@ def test_training_step_is_the_reference_loss(weights: str) -> None:
 
 def test_training_learns_to_segment_held_out_categories(tmp_path: Path) -> None:
     """Adapters trained on carpet and tile segment held-out bottle and skin better than untrained ones
-    (tests/learning_signal.py). With ``lr=0`` it fails."""
+    (tests/learning_signal.py). With ``lr=0`` it fails.
+
+    One class word for every category: a random text tower sends "damaged carpet" and "damaged skin" to unrelated
+    directions (pretrained CLIP does not), so with the category names nothing learned on carpet could transfer.
+    """
     detector = zsadbench.load_method("aprilgan", **{**TINY, "pretrained": appearance_weights(tmp_path),
-                                                    "image_size": 112})
+                                                    "image_size": 56, "class_name": "object"})
     before, after, result = train_and_evaluate(detector, epochs=6)
     assert_learned(before, after, result)
     assert {"focal", "dice"} <= set(result.epoch_losses[0])
