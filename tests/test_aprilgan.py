@@ -285,9 +285,12 @@ def test_checkpoint_round_trip_and_the_authors_layout(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="missing keys: fc.3.bias") as info:
         tiny(checkpoint=str(tmp_path / "five.pth"))
     assert "unexpected keys: fc.4.weight" in str(info.value) and "five.pth" in str(info.value)
-    with pytest.raises(CheckpointError, match="wrong shapes") as info:
-        tiny(checkpoint=str(official), model="tiny-ViT-B-16-plus-240", feature_layers=(3, 6, 9, 12))
-    assert "visa_pretrained.pth" in str(info.value)
+    wide = {"trainable_linearlayer": dict(state["trainable_linearlayer"])}
+    wide["trainable_linearlayer"]["fc.0.weight"] = torch.zeros(32, 65)  # another backbone's width
+    torch.save(wide, tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match="wrong shapes: .*fc.0.weight") as info:
+        tiny(checkpoint=str(tmp_path / "wide.pth"))
+    assert "wide.pth" in str(info.value)
 
 
 def test_train_then_run_zero_and_one_shot(isolated_results: Path, mlflow_store: Path) -> None:
