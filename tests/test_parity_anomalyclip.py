@@ -3,9 +3,9 @@
 The reference is never vendored: the project's driver ``tests/parity/ref_anomalyclip.py`` imports it from a work
 tree of zqhang/AnomalyCLIP (@45ed4dd) named on its command line, replays its test.py on a random full-size
 ViT-L-14-336 state dict (``tests/parity/make_weights.py``) and saves every intermediate tensor
-(text features, per-layer features, maps, scores), plus the prompt-learner file it used (``<OUT>_prompt_learner.pth``, the authors' key
-layout). This test feeds zsadbench the same weights file, the same prompt-learner file and the same raw images and
-compares (minutes on CPU: ViT-L at 518 px)::
+(text features, per-layer features, maps, scores), plus the prompt-learner file it used
+(``<OUT>_prompt_learner.pth``, the authors' key layout). This test feeds zsadbench the same weights file, the same
+prompt-learner file and the same raw images and compares (minutes on CPU: ViT-L at 518 px)::
 
     python tests/parity/make_weights.py --arch ViT-L-14-336-quickgelu --seed 0 --out W/clip_s0.pt
     python tests/parity/ref_anomalyclip.py --ref-root AnomalyCLIP --weights W/clip_s0.pt --images 2 \\

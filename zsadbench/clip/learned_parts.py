@@ -1,16 +1,18 @@
-"""Base class of the methods that train small parts over a frozen CLIP: AnomalyCLIP, HeadCLIP, AdaptCLIP.
+"""Base class of the methods that train small parts over a frozen CLIP: AnomalyCLIP, HeadCLIP, AdaptCLIP, APRIL-GAN.
 
-What they share, written once: the frozen backbone (open_clip, resized positional embedding, the dual V-V path from
-``vv_start_layer`` with taps in ``feature_layers``), the 518 px squash preprocessing, the learned parts as named
-modules (their parameters, train/eval switch, device, checkpoint state ``<part>.<key>``), checkpoints in zsadbench's
-format or in the authors' released layout, and the warning when a real backbone runs with untrained parts.
+What they share, written once: the frozen backbone (open_clip, resized positional embedding, taps in
+``feature_layers``: of the dual V-V path from ``vv_start_layer``, or of the plain tower), the 518 px squash
+preprocessing, the learned parts as named modules (their parameters, train/eval switch, device, checkpoint state
+``<part>.<key>``), checkpoints in zsadbench's format or in the authors' released layout, and the warning when a real
+backbone runs with untrained parts.
 
 A method's config provides ``model``, ``pretrained``, ``image_size``, ``pos_embed_mode``, ``activation``,
-``feature_layers``, ``checkpoint``, a ``train`` group and, for the dual-path methods, ``vv_start_layer`` (AdaCLIP has
-none: its feature layers may be any vision block); the method implements
+``feature_layers``, ``checkpoint``, a ``train`` group and, for the dual-path methods, ``vv_start_layer`` (AdaCLIP and
+APRIL-GAN have none: their feature layers may be any vision block); the method implements
 :meth:`LearnedPartsDetector.build_learnable_parts`, :meth:`~LearnedPartsDetector.learnable_modules`, ``predict`` and
 ``training_step``, and for the authors' files :meth:`~LearnedPartsDetector.is_reference_checkpoint` and
-:meth:`~LearnedPartsDetector.load_reference_checkpoint`.
+:meth:`~LearnedPartsDetector.load_reference_checkpoint`; :meth:`~LearnedPartsDetector.load_backbone` may resolve the
+activation differently from :attr:`~LearnedPartsDetector.activation_rule`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import CHECKPOINT_FORMAT, CheckpointError, check_keys, read_checkpoint, unwrap_checkpoint
-from zsadbench.clip.backbone import ActivationRule, load_clip, reference_activation
+from zsadbench.clip.backbone import ActivationRule, ClipBackbone, load_clip, reference_activation
 from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.detector import Detector, Trainable
 from zsadbench.hashing import file_sha256
@@ -47,10 +49,7 @@ class LearnedPartsDetector(Detector, Trainable):
     def __init__(self, config: Any = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(config, seed=seed, **overrides)
         cfg = self.config
-        activation = cfg.activation if cfg.activation != "auto" else reference_activation(
-            self.activation_rule, cfg.model, cfg.pretrained, cfg.image_size)
-        self.backbone = load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                                  pos_embed_mode=cfg.pos_embed_mode, activation=activation, seed=seed)
+        self.backbone = self.load_backbone(seed)
         self.clip = self.backbone.model
         depth = len(self.clip.visual.transformer.resblocks)
         first = getattr(cfg, "vv_start_layer", None) or 1  # methods without the V-V path tap any block
@@ -66,6 +65,14 @@ class LearnedPartsDetector(Detector, Trainable):
         self.set_train_mode(False)
         if cfg.checkpoint:
             self.load_checkpoint(cfg.checkpoint)
+
+    def load_backbone(self, seed: int) -> ClipBackbone:
+        """Returns the frozen CLIP of the config; ``activation="auto"`` follows :attr:`activation_rule`."""
+        cfg = self.config
+        activation = cfg.activation if cfg.activation != "auto" else reference_activation(
+            self.activation_rule, cfg.model, cfg.pretrained, cfg.image_size)
+        return load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size, pos_embed_mode=cfg.pos_embed_mode,
+                         activation=activation, seed=seed)
 
     # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
     @property

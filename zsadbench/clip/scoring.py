@@ -1,9 +1,13 @@
 """Scoring CLIP features against text features, written once for every CLIP method: logits at a fixed temperature,
 [normal, abnormal] probabilities, patch probability maps, and the harmonic mean the fusions use.
 
-Probabilities are softmax(cos / temperature) over the two classes (a fixed temperature, 0.07 in the references, not
-CLIP's learned logit scale); patch maps drop the CLS token and upsample the **probabilities** (not the logits)
-bilinearly, align_corners False.
+AnomalyCLIP's, AdaptCLIP's and HeadCLIP's recipe (:func:`patch_probability_maps`): probabilities are
+softmax(cos / temperature) over the two classes (a fixed temperature, 0.07 in the references, not CLIP's learned logit
+scale); patch maps drop the CLS token and upsample the **probabilities** (not the logits) bilinearly, align_corners
+False.
+
+APRIL-GAN's recipe (:func:`upsampled_logit_probabilities`): the logits ``scale · cos`` (scale 100) are upsampled
+bilinearly with align_corners True and the softmax over the two classes is taken per pixel **after** upsampling.
 """
 
 from __future__ import annotations
@@ -42,3 +46,22 @@ def patch_probability_maps(patch_features: Tensor, text_features: Tensor, temper
         raise ValueError(f"{patches} patch tokens do not form a square grid")
     grid = probabilities.reshape(batch, side, side, 2).permute(0, 3, 1, 2)
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+
+def upsampled_logit_probabilities(patch_features: Tensor, text_features: Tensor, logit_scale: float,
+                                  size: tuple[int, int], align_corners: bool = True) -> Tensor:
+    """Returns (B, 2, H, W) softmax over [normal, abnormal] of the bilinearly upsampled logits ``scale · cos``.
+
+    ``patch_features`` (B, P, E) hold patch tokens only (no CLS; P a square grid); ``text_features`` are (2, E) shared
+    by the batch or (B, 2, E) per image. Both are L2-normalised here.
+    """
+    patches = F.normalize(patch_features, dim=-1)
+    text = F.normalize(text_features, dim=-1)
+    logits = logit_scale * (patches @ text.transpose(-1, -2))
+    batch, count, classes = logits.shape
+    side = int(count ** 0.5)
+    if side * side != count:
+        raise ValueError(f"{count} patch tokens do not form a square grid")
+    grid = logits.permute(0, 2, 1).reshape(batch, classes, side, side)
+    upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=align_corners)
+    return upsampled.softmax(dim=1)

@@ -54,6 +54,25 @@ TEMPLATES = (
 )
 
 
+# APRIL-GAN's prompt ensemble (ByChelsea/VAND-APRIL-GAN prompt_ensemble.py): WinCLIP's states plus "broken {}", and the
+# 35 templates of its own list (CLIP's ImageNet-style phrasings), in the reference's order.
+APRILGAN_NORMAL_STATES = (
+    "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",
+)
+APRILGAN_ANOMALOUS_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+APRILGAN_TEMPLATES = (
+    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a bright photo of a {}.", "a dark photo of the {}.", "a photo of my {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a photo of one {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "a low resolution photo of a {}.", "a photo of a large {}.", "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a photo of the small {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "a dark photo of a {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "there is a {} in the scene.", "there is the {} in the scene.",
+    "this is a {} in the scene.", "this is the {} in the scene.", "this is one {} in the scene.",
+)
+
 def compositional_prompts(class_name: str, normal_states: Sequence[str] = NORMAL_STATES,
                           anomalous_states: Sequence[str] = ANOMALOUS_STATES,
                           templates: Sequence[str] = TEMPLATES) -> tuple[list[str], list[str]]:
