@@ -126,6 +126,10 @@ class AprilGAN(LearnedPartsDetector, FewShot):
     """APRIL-GAN (VAND 2023): linear patch adapters scored against a prompt ensemble; a k-shot patch memory."""
 
     label = "APRIL-GAN"
+    paper = "arXiv:2305.17382"
+    reference = "ByChelsea/VAND-APRIL-GAN@f13b8a6"
+    code_license = "MIT"
+    weights_license = "MIT (OpenAI CLIP); released adapters: per the reference's README"
     Config = AprilGANConfig
     learned_parts = "adapters"
     # untrained adapters on a tiny seeded exact-GELU backbone: guards the zero-shot maps and the memory branch

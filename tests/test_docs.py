@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 # The reference implementations' code licenses, checked against their LICENSE files (THIRD_PARTY_NOTICES.md).
 CODE_LICENSES = {"winclip": "Apache-2.0", "anomalyclip": "MIT", "headclip": "none (no official code)", "musc": "MIT",
-                 "adaptclip": "GPL-2.0", "adaclip": "MIT", "promptad": "The Unlicense"}
+                 "adaptclip": "GPL-2.0", "adaclip": "MIT", "promptad": "The Unlicense",
+                 "aprilgan": "MIT"}
 
 
 def nav_pages(entries: Any) -> list[str]:
