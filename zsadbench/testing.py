@@ -46,7 +46,7 @@ from zsadbench.detector import Detector, FewShot, ImageSet, Trainable
 from zsadbench.types import Prediction
 
 CHECKS = ("interface", "determinism", "batch_size", "device", "checkpoint", "bad_input")
-BATCH = 4  # images per test batch: two plain, two with a bright square
+BATCH = 8  # images per test batch, every other one with a bright square (MuSc scores sets of >= 5)
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # batch-size and device comparisons (kernels may differ with batch shape)
 
 
@@ -117,7 +117,8 @@ class _Subject:
     def predict(self, detector: Detector, images: Tensor, category: str = "conformance") -> Prediction:
         """Returns the detector's prediction of a preprocessed batch, the way the evaluator calls it."""
         if isinstance(detector, FewShot) and detector.shots > 0:
-            reference = images[:1].expand(detector.shots, *images.shape[1:])  # a plain image as the normal reference
+            plain = self.batch(detector)[:1]  # the first (plain) test image is the normal reference, for every batch
+            reference = plain.expand(detector.shots, *plain.shape[1:])
             detector.set_reference(reference.to(detector.device), category)
         with torch.no_grad():
             if detector.transductive:
