@@ -16,6 +16,7 @@ scores and anomaly maps at the method's input resolution. The evaluator never sp
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,9 @@ from torch import Tensor
 
 from zsadbench.config import apply_overrides, flatten
 from zsadbench.types import Dataset, Prediction, Sample
+
+# How FewShot.reference_indices draws the k reference images (the config's ``reference_protocol``).
+REFERENCE_PROTOCOLS = ("random", "sorted-block")
 
 
 class Detector(abc.ABC):
@@ -209,14 +213,40 @@ class FewShot(abc.ABC):
     def set_reference(self, images: Tensor, category: str) -> None:
         """Stores the k preprocessed normal reference images of ``category`` for the following predictions."""
 
-    def reference_indices(self, num_available: int, category: str) -> list[int]:
-        """Returns the indices of the reference images among the category's normal training images.
+    def set_reference_images(self, images: Sequence[Image.Image], category: str) -> None:
+        """Stores the k normal reference images given as RGB PIL images (before any preprocessing).
 
-        Default protocol (AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices with
-        replacement, so duplicates are possible and the draw is reproducible per category.
+        Default: :meth:`Detector.transform` each image, then :meth:`set_reference`. A method whose reference
+        augments the raw images before resizing them (AnomalyDINO's rotations) overrides this.
+        """
+        batch = torch.stack([self.transform(image) for image in images])  # type: ignore[attr-defined]
+        self.set_reference(batch.to(self.device), category)  # type: ignore[attr-defined]
+
+    def reference_indices(self, num_available: int, category: str) -> list[int]:
+        """Returns the indices of the reference images among the category's normal training images (name order).
+
+        The config's ``reference_protocol`` selects the draw (:data:`REFERENCE_PROTOCOLS`):
+
+        - ``"random"`` (default; AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices
+          with replacement, so duplicates are possible and the draw is reproducible per category.
+        - ``"sorted-block"`` (AnomalyDINO's): the k images at positions [seed k, (seed + 1) k) of the file-name
+          order, no randomness; fewer when the category has too few images (a warning says so).
         """
         if num_available == 0:
             raise ValueError(f"category {category!r} has no normal training images to draw {self.shots} shots from")
+        protocol = str(getattr(self.config, "reference_protocol", "random"))  # type: ignore[attr-defined]
+        if protocol not in REFERENCE_PROTOCOLS:
+            raise ValueError(f"reference_protocol {protocol!r}: choose one of {REFERENCE_PROTOCOLS}")
         seed = int(getattr(self.config, "reference_seed", 10))  # type: ignore[attr-defined]
+        if protocol == "sorted-block":
+            start = seed * self.shots
+            indices = list(range(start, min(num_available, start + self.shots)))
+            if not indices:
+                raise ValueError(f"category {category!r}: reference_seed={seed} with {self.shots} shots starts at "
+                                 f"image {start}, but only {num_available} normal training images exist")
+            if len(indices) < self.shots:
+                warnings.warn(f"category {category!r}: only {len(indices)} of {self.shots} reference images "
+                              f"available at reference_seed={seed} (sorted-block protocol)", stacklevel=2)
+            return indices
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(num_available, (self.shots,), generator=generator).tolist()

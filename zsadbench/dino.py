@@ -32,11 +32,13 @@ DINO_ALIASES = {
     "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
     "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
     "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
 }
 # tiny test configurations: the real depth and patch size, width 32
 TINY_DINO: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-dino_vitbase16": ("vit_base_patch16_224.dino", {"embed_dim": 32, "num_heads": 2}),
     "tiny-dinov2_vitl14": ("vit_large_patch14_dinov2.lvd142m", {"embed_dim": 32, "num_heads": 2}),
+    "tiny-dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", {"embed_dim": 32, "num_heads": 2}),
 }
 DINO_OFFSET = 0.1  # facebookresearch/dino issue #8: keeps the interpolated grid size from rounding down
 
