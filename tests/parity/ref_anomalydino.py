@@ -269,10 +269,12 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=3, help="normal training images per category")
     parser.add_argument("--tests", type=int, default=2, help="good and defective test images per category (each)")
     parser.add_argument("--data-dir", type=Path, help="where the synthetic benchmark is written (default: temp)")
+    parser.add_argument("--categories", default=",".join(CATEGORIES), help="comma-separated MVTec category names")
     parser.add_argument("--no-anomalib", action="store_true")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-
+    global CATEGORIES
+    CATEGORIES = tuple(args.categories.split(","))
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     if not args.weights.exists():
         make_weights(args.dinov2_root, args.model, args.seed, args.weights)
