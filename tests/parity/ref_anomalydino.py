@@ -255,6 +255,7 @@ def run_anomalib(model, fewshot: dict, weights: Path, timm_name: str) -> dict | 
 
 def main() -> None:
     """Parses the arguments, runs the reference (and anomalib) and saves the recording."""
+    global CATEGORIES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref-root", required=True, help="work tree of dammsi/AnomalyDINO")
     parser.add_argument("--dinov2-root", required=True, help="work tree of facebookresearch/dinov2 (hub code)")
@@ -273,7 +274,6 @@ def main() -> None:
     parser.add_argument("--no-anomalib", action="store_true")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    global CATEGORIES
     CATEGORIES = tuple(args.categories.split(","))
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     if not args.weights.exists():
