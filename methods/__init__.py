@@ -4,6 +4,7 @@ from zsadbench.methods import (
     adaclip,  # noqa: E402,F401  (registers "adaclip")
     adaptclip,  # noqa: E402,F401  (registers "adaptclip")
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
+    anomalydino,  # noqa: E402,F401  (registers "anomalydino" and "anomalydino-batched")
     aprilgan,  # noqa: E402,F401  (registers "aprilgan")
     headclip,  # noqa: E402,F401  (registers "headclip")
     musc,  # noqa: E402,F401  (registers "musc")

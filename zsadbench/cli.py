@@ -525,9 +525,9 @@ def _add_check(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("check", help="regression check: every method on a small synthetic benchmark vs its goldens",
                        description="Run every registered method (or --method) with its tiny seeded regression "
                                    "configuration on a fixed small synthetic benchmark and compare metrics and "
-                                   "anomaly-map summaries with its goldens (built-in methods: zsadbench's own, packaged; "
-                                   "a plugin: the goldens folder next to its module). Exit status 1 on any difference "
-                                   "beyond tolerance.")
+                                   "anomaly-map summaries with its goldens (built-in methods: zsadbench's own, "
+                                   "packaged; a plugin: the goldens folder next to its module). Exit status 1 on any "
+                                   "difference beyond tolerance.")
     p.add_argument("--method", action="append", type=_csv_list, metavar="NAME",
                    help="check only this method (repeatable, or comma-separated)")
     p.add_argument("--update", action="store_true", help="(re)write the goldens instead of comparing")

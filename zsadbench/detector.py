@@ -16,6 +16,7 @@ scores and anomaly maps at the method's input resolution. The evaluator never sp
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,9 @@ from torch import Tensor
 
 from zsadbench.config import apply_overrides, flatten
 from zsadbench.types import Dataset, Prediction, Sample
+
+# How FewShot.reference_indices draws the k reference images (the config's ``reference_protocol``).
+REFERENCE_PROTOCOLS = ("seeded", "sorted-block", "list")
 
 
 class Detector(abc.ABC):
@@ -220,29 +224,52 @@ class FewShot(abc.ABC):
     def set_reference(self, images: Tensor, category: str) -> None:
         """Stores the k preprocessed normal reference images of ``category`` for the following predictions."""
 
-    def reference_indices(self, num_available: int, category: str) -> list[int]:
-        """Returns the indices of the reference images among the category's normal training images.
+    def set_reference_images(self, images: Sequence[Image.Image], category: str) -> None:
+        """Stores the k normal reference images given as RGB PIL images (before any preprocessing).
 
-        Protocol ``reference_protocol`` of the method's config:
+        Default: :meth:`Detector.transform` each image, then :meth:`set_reference`. A method whose reference
+        augments the raw images before resizing them (AnomalyDINO's rotations) overrides this.
+        """
+        batch = torch.stack([self.transform(image) for image in images])  # type: ignore[attr-defined]
+        self.set_reference(batch.to(self.device), category)  # type: ignore[attr-defined]
+
+    def reference_indices(self, num_available: int, category: str) -> list[int]:
+        """Returns the indices of the reference images among the category's normal training images (name order).
+
+        The config's ``reference_protocol`` selects the draw (:data:`REFERENCE_PROTOCOLS`):
 
         - ``"seeded"`` (default; AdaptCLIP's): ``torch.manual_seed(reference_seed)`` then ``randint`` draws k indices
           with replacement, so duplicates are possible and the draw is reproducible per category;
+        - ``"sorted-block"`` (AnomalyDINO's): the k images at positions [seed k, (seed + 1) k) of the file-name
+          order, no randomness (fewer, with a warning, where the block runs past the last image, as the reference);
         - ``"list"``: fixed per-category index lists read from the folder ``reference_list`` (WinCLIP/PromptAD's
           ``seeds_<dataset>/<category>/selected_samples_per_run.txt``, see :func:`listed_reference_indices`).
+
+        A category with fewer than k normal images is an error naming it (never a silent repeat or a smaller k).
         """
         if self.shots > num_available:  # a draw with replacement would repeat images and call it k-shot
             raise ValueError(f"category {category!r} has {num_available} normal training image"
                              f"{'' if num_available == 1 else 's'}: too few for {self.shots} shots (--shots)")
         protocol = str(getattr(self.config, "reference_protocol", "seeded"))  # type: ignore[attr-defined]
+        if protocol not in REFERENCE_PROTOCOLS:
+            raise ValueError(f"reference_protocol {protocol!r}: choose one of {REFERENCE_PROTOCOLS}")
+        seed = int(getattr(self.config, "reference_seed", 10))  # type: ignore[attr-defined]
         if protocol == "list":
             folder = getattr(self.config, "reference_list", None)  # type: ignore[attr-defined]
             if not folder:
                 raise ValueError("reference_protocol=list needs reference_list, the folder of per-category index "
                                  "files (--set reference_list=PATH)")
             return listed_reference_indices(Path(folder), category, self.shots, num_available)
-        if protocol != "seeded":
-            raise ValueError(f"unknown reference_protocol {protocol!r}; choose 'seeded' or 'list'")
-        seed = int(getattr(self.config, "reference_seed", 10))  # type: ignore[attr-defined]
+        if protocol == "sorted-block":
+            start = seed * self.shots
+            indices = list(range(start, min(num_available, start + self.shots)))
+            if not indices:
+                raise ValueError(f"category {category!r}: reference_seed={seed} with {self.shots} shots starts at "
+                                 f"image {start}, but only {num_available} normal training images exist")
+            if len(indices) < self.shots:
+                warnings.warn(f"category {category!r}: only {len(indices)} of {self.shots} reference images "
+                              f"available at reference_seed={seed} (sorted-block protocol)", stacklevel=2)
+            return indices
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(num_available, (self.shots,), generator=generator).tolist()
 

@@ -32,6 +32,7 @@ DINO_ALIASES = {
     "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
     "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
     "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
 }
 # tiny test configurations: the real depth and patch size, width 32. DINOv2's LayerScale starts at 1.0 as in the
 # official hub constructors (timm's 1e-5 is a training init): at 1e-5 a random model's blocks add almost nothing, every
@@ -39,6 +40,7 @@ DINO_ALIASES = {
 TINY_DINO: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-dino_vitbase16": ("vit_base_patch16_224.dino", {"embed_dim": 32, "num_heads": 2}),
     "tiny-dinov2_vitl14": ("vit_large_patch14_dinov2.lvd142m", {"embed_dim": 32, "num_heads": 2, "init_values": 1.0}),
+    "tiny-dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", {"embed_dim": 32, "num_heads": 2, "init_values": 1.0}),
 }
 DINO_OFFSET = 0.1  # facebookresearch/dino issue #8: keeps the interpolated grid size from rounding down
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from zsadbench.data import MASK_RESIZE_MODES, SampleLoader, check_files, collate, load_images, read_mask, resize_mask
+from zsadbench.data import MASK_RESIZE_MODES, SampleLoader, check_files, collate, read_image, read_mask, resize_mask
 from zsadbench.detector import Detector, FewShot, ImageSet
 from zsadbench.metrics import (
     IMAGE_METRICS,
@@ -255,9 +255,8 @@ def evaluate_category(detector: Detector, dataset: Dataset, category: str | Cate
         warnings.warn(f"category {category!r}: {len(missing)} of {len(anomalous)} anomalous images have no mask; "
                       "pixel metrics are not computed", MetricWarning, stacklevel=2)
     mask_size = detector.input_size if options.resolution == "input" else None
-    if plan.references:
-        detector.set_reference(load_images(plan.references, detector.transform).to(detector.device),  # type: ignore[attr-defined]
-                               category)
+    if plan.references:  # raw images: a method may augment them before its own preprocessing (AnomalyDINO)
+        detector.set_reference_images([read_image(s.image_path) for s in plan.references], category)  # type: ignore[attr-defined]
 
     accumulator = CategoryMetrics(pixel=pixel, aupro=options.aupro, category=category)
     scores_all: list[float] = []

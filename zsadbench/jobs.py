@@ -567,7 +567,7 @@ def predict(method: str, images: list[Path], out: str | Path, *, overrides: dict
     from tqdm.auto import tqdm
 
     import zsadbench
-    from zsadbench.data import check_files, load_images
+    from zsadbench.data import check_files, load_images, read_image
     from zsadbench.detector import FewShot, ImageSet
     from zsadbench.types import Sample
     from zsadbench.visualize import save_overlay
@@ -583,7 +583,7 @@ def predict(method: str, images: list[Path], out: str | Path, *, overrides: dict
     if references:
         if not isinstance(detector, FewShot):
             raise ValueError(f"{method} is not a few-shot method: it takes no reference images")
-        detector.set_reference(load_images(shots, detector.transform).to(detector.device), category)
+        detector.set_reference_images([read_image(s.image_path) for s in shots], category)
     scores: list[float] = []
     maps: list[np.ndarray] = []
     with torch.no_grad():
