@@ -304,4 +304,4 @@ def test_train_then_run_zero_and_one_shot(isolated_results: Path, mlflow_store: 
     one_shot = runs.iloc[1]
     stored = json.loads((isolated_results / "runs" / one_shot.run_id / "categories" / "bottle.json").read_text())
     assert len(stored["references"]) == 1 and "/train/good/" in stored["references"][0]
-    assert one_shot["params.adapters"].startswith("sha256:")
+    assert one_shot["params.detector.adapters"].startswith("sha256:")

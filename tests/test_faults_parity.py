@@ -31,7 +31,7 @@ def test_musc_run_on_a_plain_weights_file_at_the_native_size_uses_quickgelu(tmp_
     assert main(["run", "--method", "musc", *DATA, *options, "--set", "image_size=84"]) == 0  # fresh CLIP: GELU
     mlflow.set_tracking_uri(f"sqlite:///{isolated_results / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["zsadbench"])
-    by_size = dict(zip(runs["params.config.image_size"], runs["params.quick_gelu"]))
+    by_size = dict(zip(runs["params.config.image_size"], runs["params.detector.quick_gelu"]))
     assert by_size == {"56": "True", "84": "False"}, by_size
 
 

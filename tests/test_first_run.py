@@ -44,8 +44,8 @@ def test_print_config_round_trips_through_config_file(tmp_path: Path, capsys, te
     assert parsed["method"] == "winclip" and parsed["config"]["temperature"] == 0.05
     assert parsed["config"]["model"] == "tiny-ViT-B-16-plus-240" and parsed["config"]["scales"] == [2, 3]
     file = tmp_path / "run.toml"
-    file.write_text(out + 'dataset = "synthetic"\ndataset_option = ["image_size=48", "n_train=3", '
-                          '"n_test_normal=4", "n_test_anomalous=4", "categories=carpet"]\n')
+    file.write_text('dataset = "synthetic"\ndataset_option = ["image_size=48", "n_train=3", "n_test_normal=4", '
+                    '"n_test_anomalous=4", "categories=carpet"]\n' + out)  # top-level keys before [config]
     status, _, err = cli(["run", "--config", str(file), "--set", "scales=[2]"], capsys)  # command line wins
     assert status == 0, err
     config = json.loads(next((isolated_results / "runs").glob("*/config.json")).read_text())

@@ -251,7 +251,7 @@ def test_train_then_run_records_the_reconstruction(isolated_results: Path, mlflo
     mlflow.set_tracking_uri(f"sqlite:///{isolated_results / 'mlflow.db'}")
     training = mlflow.search_runs(experiment_names=["zsadbench"]).iloc[0]
     checkpoint = Path(training["tags.zsadbench.checkpoint"])
-    assert training["params.config.lhw.mode"] == "static" and training["params.trainable_parameters"] == "1888"
+    assert training["params.config.lhw.mode"] == "static" and training["params.detector.trainable_parameters"] == "1888"
     assert main(["run", "--method", "headclip", "--checkpoint", str(checkpoint), *data, "--categories", "bottle",
                  *options, "--set", "jas.aggregate=topk_mean"]) == 0
     assert "HeadCLIP (reconstruction)" in capsys.readouterr().out

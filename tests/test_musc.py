@@ -113,7 +113,7 @@ def test_fast_mutual_scoring_equals_per_image_cdist(n, interval, memory_mb):
 
 def test_mutual_scoring_budget_switches_to_bands(caplog):
     z = unit_features(8, 25, 16)
-    with caplog.at_level(logging.INFO, logger="zsadbench.methods.musc"):
+    with caplog.at_level(logging.INFO, logger="zsadbench.mutual_scoring"):
         banded = mutual_scoring(z, memory_mb=0.005)  # 8 rows of 8*25 floats + a 25x25 product do not fit
     assert "bands of 3 rows" in caplog.text
     assert torch.allclose(banded, mutual_scoring(z), atol=1e-6)

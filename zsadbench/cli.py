@@ -619,8 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _load_config_file(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for chatty in ("alembic", "mlflow", "urllib3", "httpx", "huggingface_hub"):
+    for chatty in ("alembic", "mlflow", "httpx", "huggingface_hub"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # each retry of a bounded MLflow request would print a line; zsadbench says once when the server is gone
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     if not args.verbose:
         warnings.formatwarning = _one_line_warnings
     try:

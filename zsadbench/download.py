@@ -110,7 +110,7 @@ class ResumableDownloader:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=url.rsplit("/", 1)[-1][:40], leave=False)
+                    desc=url.rsplit("/", 1)[-1][:40], leave=False, disable=None)
 
 
 def _disk_error(exc: OSError, doing: str) -> DownloadError:

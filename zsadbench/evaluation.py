@@ -185,8 +185,8 @@ def _check_prediction(detector: Detector, prediction: Prediction,
         i = int((~finite).nonzero()[0])
         what = "image score" if not torch.isfinite(scores[i]) else "anomaly map"
         value = scores[i] if what == "image score" else maps[i][~torch.isfinite(maps[i])][0]
-        raise RuntimeError(f"method {detector.name!r} returned a non-finite {what} ({float(value)}) for "
-                           f"{samples[i].image_path}")
+        raise ValueError(f"method {detector.name!r} returned a non-finite {what} ({float(value)}) for "
+                         f"{samples[i].image_path}")
     return scores.numpy(), maps
 
 

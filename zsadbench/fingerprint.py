@@ -123,7 +123,8 @@ def hash_files(paths: Sequence[Path], *, workers: int | None = None, cache: Hash
 def _progress_bar(total: int, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False,
+                disable=None)  # None: on a terminal only
 
 
 def dataset_files(dataset: Dataset) -> list[Path]:

@@ -37,7 +37,8 @@ KIND_TAG = "zsadbench.kind"  # "evaluation" or "training"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 # MLflow retries an unreachable server for minutes by default; a job fails fast or goes offline instead.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # the job prints where its results are
 PROBE_TIMEOUT = 5.0  # seconds to wait for a tracking server's health answer
 
 T = TypeVar("T")

@@ -369,7 +369,7 @@ def reference_activation(rule: ActivationRule, model: str, pretrained: str, imag
     """
     config = open_clip.get_model_config(model)
     if config is None:
-        raise ValueError(f"unknown CLIP architecture {model!r}; open_clip knows: {', '.join(open_clip.list_models())}")
+        raise ValueError(f"unknown CLIP architecture {model!r}; {closest_models(model, open_clip.list_models())}")
     configured: Literal["gelu", "quick_gelu"] = "quick_gelu" if config.get("quick_gelu", False) else "gelu"
     if rule == "openai_clip":
         return "quick_gelu"
