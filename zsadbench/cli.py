@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -619,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _load_config_file(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # mlflow sets its own logger to INFO when it is imported (later, lazily); this keeps its setup messages out
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")
     for chatty in ("alembic", "mlflow", "httpx", "huggingface_hub"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # each retry of a bounded MLflow request would print a line; zsadbench says once when the server is gone
