@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -553,7 +553,7 @@ class Predictions:
 
 
 def predict(method: str, images: list[Path], out: str | Path, *, overrides: dict[str, Any] | None = None,
-            references: list[Path] = (), category: str = "object", device: str = "cpu", seed: int = 0,  # type: ignore[assignment]
+            references: Sequence[Path] = (), category: str = "object", device: str = "cpu", seed: int = 0,
             batch_size: int = 8, progress: bool = True) -> Predictions:
     """Scores arbitrary images with a method; writes ``scores.csv``, ``maps/<name>.tiff`` and ``overlays/<name>.png``.
 
