@@ -26,7 +26,7 @@ def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compare_inference(detector: AnomalyCLIP, ref: dict) -> dict[str, float]:
-    """Returns the differences of rows 1-8 of the §14 table (``layers_max_rel`` when the driver dumped layers).
+    """Returns the differences of stages 1-8 of tests/test_parity_anomalyclip.py (``layers_max_rel`` when the driver dumped layers).
 
     A detector with learnable head weights (HeadCLIP) runs its dual path with them; its image score must then be the
     global probability (``jas.alpha`` 1) to compare with the reference's.
@@ -82,7 +82,7 @@ def compare_inference(detector: AnomalyCLIP, ref: dict) -> dict[str, float]:
 
 
 def assert_inference_parity(figures: dict[str, float], ref: dict) -> None:
-    """Asserts the §14 tolerances on :func:`compare_inference`'s figures."""
+    """Asserts the per-stage tolerances on :func:`compare_inference`'s figures."""
     assert figures["pos_embed"] <= 1e-6
     assert figures["text_raw"] < 1e-5 * ref["text_features_raw"].abs().max().item() + 1e-5 and figures["text"] < 1e-5
     assert "layers_max_rel" not in figures or figures["layers_max_rel"] < 1e-4

@@ -48,14 +48,14 @@ def predict(detector, x: torch.Tensor):
 
 
 def fold_into_out_projection(detector: AnomalyCLIP, weights: dict[int, torch.Tensor]) -> None:
-    """Multiplies the input columns of each layer's out_proj weight by its head weights (spec §3.2's identity)."""
+    """Multiplies the input columns of each layer's out_proj weight by its head weights (the identity that lets HeadCLIP reuse the frozen layer)."""
     with torch.no_grad():
         for layer, w in weights.items():
             attn = detector.clip.visual.transformer.resblocks[layer - 1].attn
             attn.out_proj.weight.mul_(w.repeat_interleave(attn.head_dim)[None])
 
 
-# ---- parity anchors (spec §5) ----------------------------------------------------------------------------------------
+# ---- parity anchors -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["static", "conditioned"])
 def test_identity_head_weights_and_alpha_one_are_exactly_anomalyclip(weights: str, mode: str) -> None:
@@ -75,7 +75,7 @@ def test_static_head_weights_equal_scaled_out_projection_columns(weights: str) -
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         headclip.head_weights.weight.copy_(0.5 + torch.rand(headclip.head_weights.weight.shape, generator=generator))
-        headclip.head_weights.weight[[3, 10, 20], [0, 2, 1]] = 0.0  # switched-off heads (spec §5 row 3)
+        headclip.head_weights.weight[[3, 10, 20], [0, 2, 1]] = 0.0  # switched-off heads
     folded = tiny("anomalyclip", pretrained=weights)
     fold_into_out_projection(folded, {layer: headclip.head_weights.weight[layer - 1] for layer in range(1, 25)})
     x = images(3)
@@ -118,7 +118,7 @@ def test_conditioned_head_weights_fold_per_image(weights: str) -> None:
 
 
 def test_head_weight_gradients_pass_gradcheck() -> None:
-    """float64 gradcheck of the static weights and of a generator through the frozen tiny tower (spec §5 row 5)."""
+    """float64 gradcheck of the static weights and of a generator through the frozen tiny tower."""
     visual = tiny(image_size=28).clip.visual.double()
     x = torch.randn(1, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     static = HeadWeights((2, 7, 24), num_heads=4, width=64).double()
@@ -146,7 +146,7 @@ def test_head_weight_gradients_pass_gradcheck() -> None:
     assert static(5, u) is None and torch.equal(static(7, u), torch.ones(4, dtype=torch.float64))
 
 
-# ---- joint anomaly score (spec §5 row 8) -----------------------------------------------------------------------------
+# ---- joint anomaly score --------------------------------------------------------------------------------------------
 
 def test_joint_anomaly_score() -> None:
     p = torch.tensor([0.2, 0.9])

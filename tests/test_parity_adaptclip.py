@@ -13,7 +13,7 @@ layout (``<OUT>_adapters.pth``, the layout of the released epoch_15.pth). This t
     ZSADBENCH_PARITY_ADAPTCLIP=W/adaptclip_ref.pt ZSADBENCH_PARITY_ADAPTCLIP_WEIGHTS=W/clip_s0.pt \\
         nox -s parity -- -k adaptclip
 
-Rows of §15 compared: 1 (positional embedding), 2 (static and learned text), 3 (g, P^(l)), 4-5 (VA, TA), 6 (PQA per
+Stages compared: 1 (positional embedding), 2 (static and learned text), 3 (g, P^(l)), 4-5 (VA, TA), 6 (PQA per
 layer), 7-8 (fused maps and scores, zero-shot and k-shot), 9 (prompt sampling), and the preprocessing. Row 10 (one
 training step) when ZSADBENCH_PARITY_ADAPTCLIP_TRAIN names a recording of the reference's train.py step on the same
 images, with the driver's first prompt image as every query's prompt: per-branch losses, the gradient of every

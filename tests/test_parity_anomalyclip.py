@@ -14,7 +14,7 @@ prompt-learner file and the same raw images and compares (minutes on CPU: ViT-L 
         [ZSADBENCH_PARITY_ANOMALYCLIP_TRAIN=TRAIN.pt] nox -s parity -- -k anomalyclip
 
 ``TRAIN.pt`` (optional) holds one reference training step on images 0 and 1 (losses, gradients, parameters after one
-Adam step). Rows of §14 compared: 1 (preprocessing, masks), 2 (positional embedding), 3 (text features), 4 (both
+Adam step). Stages compared: 1 (preprocessing, masks), 2 (positional embedding), 3 (text features), 4 (both
 streams per layer, when the driver ran with ``--dump-layers``), 5-8 (features, probabilities, maps, scores), 9 (one
 training step), 10 (the authors' layout loads; its token buffers equal ours).
 """

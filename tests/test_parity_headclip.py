@@ -9,7 +9,7 @@ in both DPAM paths. This test writes that folded weights file and the reference 
         ZSADBENCH_PARITY_HEADCLIP_PROMPTS=ref_s0_prompt_learner.pth nox -s parity -- -k headclip
 
 With ZSADBENCH_PARITY_ANOMALYCLIP_TRAIN (the AnomalyCLIP parity test's training step on the unfolded weights), one
-HeadCLIP training step with the head weights at 1 is compared too (§5 row 7: losses and prompt gradients; gradients
+HeadCLIP training step with the head weights at 1 is compared too (losses and prompt gradients; gradients
 now also flow through the vision tower into the head weights). REF_FOLDED.pt is the output of the project's driver
 tests/parity/ref_anomalyclip.py on ``<weights>_folded.pt`` with the prompt-learner file (``--prompt-learner-ckpt``);
 ZSADBENCH_PARITY_HEADCLIP_PROMPTS defaults to ``<REF_FOLDED>_prompt_learner.pth``. In full::

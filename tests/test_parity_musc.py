@@ -19,7 +19,7 @@ MuSc work tree named by ``ZSADBENCH_MUSC_REF_ROOT``; it needs only torch) on ran
         nox -s parity -- -k musc                                                        # here
     python tests/test_parity_musc.py W/musc_ref_336.pt W/clip_s0.pt                    # prints the differences
 
-Stages and tolerances (spec musc.md §11): positional embedding 1e-6; tokens after blocks 6/12/18/24 relative 1e-5;
+Stages and tolerances: positional embedding 1e-6; tokens after blocks 6/12/18/24 relative 1e-5;
 image embedding 1e-5; LNAMD 1e-5 (the reference's LayerNorm of 1.4M values per image in float32 carries ~1e-6);
 per-layer MSM scores 1e-5; combined patch scores, maps, raw image scores and RsCIN scores 1e-5; divisions exact.
 """

@@ -3,7 +3,7 @@
 Two ways, both through the project's driver ``tests/parity/ref_winclip.py`` (anomalib 2.7.0 from PyPI, never
 vendored), which builds anomalib's model on a weights file and applies the batch-first window fix described there
 (anomalib permutes tokens for open_clip < 2.26; with today's batch-first open_clip the windows would attend across
-each other and all window embeddings come out identical, anomalib#2571, spec §4.1):
+each other and all window embeddings come out identical, anomalib#2571):
 
 - in-process, when anomalib is importable next to zsadbench: a tiny model, and with ``ZSADBENCH_PARITY_FULL=1`` the
   full-size ViT-B-16-plus-240 at 240 px (~830 MB of random weights, a few minutes on 2 CPU cores);

@@ -38,7 +38,7 @@ TEMPLATES = (
     "a dark photo of the {}.",
     "a dark photo of a {}.",
     "a jpeg corrupted photo of the {}.",
-    "a jpeg corrupted photo of the {}.",  # listed twice in the reference; kept for parity (spec §3)
+    "a jpeg corrupted photo of the {}.",  # listed twice in the reference; kept for parity
     "a blurry photo of the {}.",
     "a blurry photo of a {}.",
     "a photo of a {}.",
