@@ -65,7 +65,7 @@ def gaussian(maps: torch.Tensor) -> torch.Tensor:
 
 
 def written_out_branches(detector: AdaptCLIP, x: torch.Tensor):
-    """The VA and TA probabilities of the visual (VA) and textual (TA) branches, written out independently of the detector's helpers."""
+    """The visual (VA) and textual (TA) branch probabilities, written out independently of the detector's helpers."""
     clip, visual = detector.clip, detector.clip.visual
     out = forward_dual_path(visual, x, vv_taps=(6, 12, 18, 24))
     p24 = visual.ln_post(out.vv_taps[24]) @ visual.proj
