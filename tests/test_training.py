@@ -93,6 +93,9 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(isolated_results:
     # steps 1-4 before the interruption, then epoch 2 again from its first step (4), not from epoch 1
     assert sorted(m.step for m in client.get_metric_history(row.run_id, "train/loss")) == [1, 2, 3, 4, 4, 5, 6]
     assert sorted(m.step for m in client.get_metric_history(row.run_id, "epoch/loss")) == [1, 2]
+    # the job folder's log keeps each step once: the repeated step 4 replaces the interrupted run's line
+    logged = [json.loads(line)["step"] for line in (folder / "losses.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
 
 
 def test_train_errors(capsys: pytest.CaptureFixture[str], isolated_results: Path, mlflow_store: Path) -> None:

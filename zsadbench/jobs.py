@@ -466,7 +466,14 @@ def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_
     job.record_params({**job_params(spec, detector, categories), "split": detector.config.train.split,  # type: ignore[attr-defined]
                        "images": len(samples), "anomalous_images": sum(s.label for s in samples)})
 
+    first_step: list[int] = []  # a resumed training repeats the steps after its last checkpoint: drop their old lines
+
     def on_step(step: int, losses: dict[str, float]) -> None:
+        if not first_step:
+            first_step.append(step)
+        if step == first_step[0] and job.folder.losses.is_file():
+            kept = [line for line in job.folder.losses.read_text().splitlines() if json.loads(line)["step"] < step]
+            _write_atomic(job.folder.losses, "".join(line + "\n" for line in kept))
         with job.folder.losses.open("a") as handle:
             handle.write(json.dumps({"step": step, **losses}) + "\n")
         job.tracker.log_metrics({f"train/{k}": v for k, v in losses.items()}, step=step)
