@@ -315,8 +315,12 @@ class AdaptCLIP(LearnedPartsDetector, FewShot):
             fused = harmonic_mean((visual.maps[:, 1] + textual.maps[:, 1] + pq_map) / 3, harmonic_mean(*alignments))
             maps = gaussian_filter(fused, self.config.sigma)
             scores = harmonic_mean((p_visual + p_textual + p_pq) / 3, maps.flatten(1).amax(dim=1))
-        return Prediction(torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0),
-                          torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0))
+        # the reference's nan_to_num covers 0/0 in the harmonic means; an image with a non-finite pixel stays NaN, so
+        # that corrupt input is never scored as a clean number
+        corrupt = ~torch.isfinite(images).flatten(1).all(dim=1)
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).masked_fill(corrupt, float("nan"))
+        maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0).masked_fill(corrupt[:, None, None], float("nan"))
+        return Prediction(scores, maps)
 
     # ---- 6. training -------------------------------------------------------------------------------------------------
     def prepare_training(self, dataset: Dataset) -> None:

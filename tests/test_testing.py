@@ -48,13 +48,9 @@ def test_conformance_catches_a_detector_that_accepts_bad_input(test_methods) -> 
         check_method("test-colour")
 
 
-# A finding of the suite, not yet fixed: AdaptCLIP turns a NaN pixel into finite scores and maps (strict xfail, so the
-# fix shows up as an unexpected pass)
-NAN_SWALLOWED = pytest.mark.xfail(reason="AdaptCLIP returns finite outputs for a NaN pixel", strict=True,
-                                  raises=ConformanceError)
 BUILT_IN = [("winclip", "zero-shot"), ("winclip", "1-shot"), ("anomalyclip", "zero-shot"),
-            ("headclip", "zero-shot"), pytest.param("adaptclip", "zero-shot", marks=NAN_SWALLOWED),
-            pytest.param("adaptclip", "1-shot", marks=NAN_SWALLOWED), ("musc", "zero-shot"), ("musc", "dinov2")]
+            ("headclip", "zero-shot"), ("adaptclip", "zero-shot"), ("adaptclip", "1-shot"), ("musc", "zero-shot"),
+            ("musc", "dinov2")]
 
 
 @pytest.mark.slow
