@@ -32,7 +32,7 @@ def test_check_outside_the_checkout_finds_the_goldens_and_passes(tmp_path: Path,
     # MuSc's two variants: musc.dinov2 is the one that once depended on the machine (RsCIN top-k over tied features)
     done = run_check(["--method", "musc"], tmp_path, threads)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "all 2 variants of 1 methods passed" in done.stdout
+    assert "all 2 variants of 1 method passed" in done.stdout
     assert f"(goldens: {REPO / 'results' / 'regression'})" in done.stdout
     assert not (tmp_path / "results" / "regression").exists()  # nothing was looked up (or written) in the cwd
 

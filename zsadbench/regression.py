@@ -488,7 +488,7 @@ def format_report(report: CheckReport, limit: int = 8) -> str:
     failed = [r for r in report.results if r.failed]
     checked = {r.method for r in report.results}
     summary = (f"{len(failed)} of {len(report.results)} variants failed" if failed
-               else f"all {len(report.results)} variants of {len(checked)} methods passed"
+               else f"all {len(report.results)} variants of {len(checked)} method{'s' * (len(checked) != 1)} passed"
                if any(r.status == "ok" for r in report.results) else f"{len(report.results)} goldens written")
     folders = ", ".join(str(f) for f in dict.fromkeys(report.folders.values()))
     lines.append(f"zsadbench check: {summary} (goldens: {folders})")
