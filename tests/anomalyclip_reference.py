@@ -26,7 +26,7 @@ def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compare_inference(detector: AnomalyCLIP, ref: dict) -> dict[str, float]:
-    """Returns the differences of stages 1-8 of tests/test_parity_anomalyclip.py (``layers_max_rel`` when the driver dumped layers).
+    """Returns the differences of stages 1-8 of test_parity_anomalyclip.py (``layers_max_rel`` when layers were dumped).
 
     A detector with learnable head weights (HeadCLIP) runs its dual path with them; its image score must then be the
     global probability (``jas.alpha`` 1) to compare with the reference's.

@@ -48,7 +48,7 @@ def predict(detector, x: torch.Tensor):
 
 
 def fold_into_out_projection(detector: AnomalyCLIP, weights: dict[int, torch.Tensor]) -> None:
-    """Multiplies the input columns of each layer's out_proj weight by its head weights (the identity that lets HeadCLIP reuse the frozen layer)."""
+    """Multiplies the input columns of each layer's out_proj weight by its head weights (HeadCLIP's identity)."""
     with torch.no_grad():
         for layer, w in weights.items():
             attn = detector.clip.visual.transformer.resblocks[layer - 1].attn

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from zsadbench.config import apply_overrides, to_dict
 from zsadbench.evaluation import CategoryResult, EvalOptions, EvaluationResult
@@ -71,7 +71,7 @@ class JobSpec:
     kind: ClassVar[str] = ""
     command: ClassVar[str] = ""  # how a user starts (and resumes) this kind of job
 
-    def absolute(self) -> JobSpec:
+    def absolute(self) -> Self:
         """Returns the spec with the data root and local weight / checkpoint files as absolute paths."""
         overrides = dict(self.overrides)
         for key in PATH_OPTIONS:
@@ -115,6 +115,7 @@ class TrainSpec(JobSpec):
 
 
 SPECS: dict[str, type[RunSpec] | type[TrainSpec]] = {"evaluation": RunSpec, "training": TrainSpec}
+SpecT = TypeVar("SpecT", RunSpec, TrainSpec)
 
 
 # --------------------------------------------------------------------------------------------------------- folder
@@ -370,27 +371,31 @@ def _notes(spec: JobSpec, detector: Detector) -> list[str]:
     return notes
 
 
+def _reopen_or_check(kind: str, spec: SpecT | None, resume: str | None,
+                     uri: str | None) -> tuple[Job | None, SpecT]:
+    """Returns (the re-opened job, its spec) for a resume, else (None, the absolute spec after :func:`preflight`)."""
+    if resume is not None:
+        job = Job.reopen(kind, resume, uri)
+        return job, job.spec  # type: ignore[return-value]  # Job.reopen reads the spec class of ``kind``
+    if spec is None:
+        raise ValueError(f"a {kind} needs a spec, or a run id to resume")
+    spec = spec.absolute()
+    preflight(spec, uri)
+    return None, spec
+
+
 def run(spec: RunSpec | None = None, *, resume: str | None = None, tracking_uri: str | None = None,
         json_path: str | Path | None = None, progress: bool = True) -> RunOutcome:
     """Runs (or resumes, by run id or folder) an evaluation; returns its outcome."""
     from zsadbench.evaluation import evaluate, plan_categories
 
-    if resume is not None:
-        job = Job.reopen("evaluation", resume, tracking_uri)
-        spec = job.spec  # type: ignore[assignment]
-    elif spec is None:
-        raise ValueError("run() needs a RunSpec or a run id to resume")
-    else:
-        spec = spec.absolute()  # type: ignore[assignment]
-        preflight(spec, tracking_uri)
-    assert isinstance(spec, RunSpec)
+    reopened, spec = _reopen_or_check("evaluation", spec, resume, tracking_uri)
     dataset, detector = _build(spec)
     categories = spec.categories or dataset.categories("test")
-    done = job.folder.finished_categories() if resume is not None else {}
+    done = reopened.folder.finished_categories() if reopened is not None else {}
     # every file's header and every draw of shots is checked before a run is recorded or a model runs
     plans = plan_categories(detector, dataset, [c for c in categories if c not in done], spec.eval, progress)
-    if resume is None:
-        job = Job.start(spec, tracking_uri)
+    job = reopened or Job.start(spec, tracking_uri)
     job.record_params(job_params(spec, detector, categories))
     job.folder.categories.mkdir(exist_ok=True)
 
@@ -449,19 +454,10 @@ def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_
     """Trains a method on an auxiliary dataset (or resumes, by run id or folder); returns its outcome."""
     from zsadbench.training import fit, last_checkpoint, training_samples
 
-    if resume is not None:
-        job = Job.reopen("training", resume, tracking_uri)
-        spec = job.spec  # type: ignore[assignment]
-    elif spec is None:
-        raise ValueError("train() needs a TrainSpec or a run id to resume")
-    else:
-        spec = spec.absolute()  # type: ignore[assignment]
-        preflight(spec, tracking_uri)
-    assert isinstance(spec, TrainSpec)
+    reopened, spec = _reopen_or_check("training", spec, resume, tracking_uri)
     dataset, detector = _build(spec)
     samples = training_samples(dataset, detector.config.train.split)  # type: ignore[attr-defined]
-    if resume is None:
-        job = Job.start(spec, tracking_uri)
+    job = reopened or Job.start(spec, tracking_uri)
     categories = sorted({s.category for s in samples})
     job.record_params({**job_params(spec, detector, categories), "split": detector.config.train.split,  # type: ignore[attr-defined]
                        "images": len(samples), "anomalous_images": sum(s.label for s in samples)})

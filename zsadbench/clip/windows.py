@@ -38,9 +38,9 @@ def window_incidence(windows: Tensor, num_patches: int) -> Tensor:
 def harmonic_aggregation(window_scores: Tensor, incidence: Tensor) -> Tensor:
     """Returns (B, P) per-patch harmonic means of the (B, n_windows) scores of the windows covering each patch.
 
-    M = n ⊘ (I · (1/a)) with the incidence matrix I and n = I·1 (WinCLIP's harmonic aggregation). A window scoring exactly 0 makes the
-    patches it covers 0 (the harmonic mean's limit, and anomalib's ``nan_to_num(posinf=0)`` result) instead of the
-    0·inf = NaN a plain product would give.
+    M = n ⊘ (I · (1/a)) with the incidence matrix I and n = I·1. A window scoring exactly 0 makes the patches it
+    covers 0 (the harmonic mean's limit, and anomalib's ``nan_to_num(posinf=0)`` result) instead of the 0·inf = NaN a
+    plain product would give.
     """
     incidence = incidence.to(window_scores.dtype)
     counts = incidence.sum(dim=1)
