@@ -282,11 +282,6 @@ class AnomalyDINO(Detector, FewShot):
         self.bank: Tensor | None = None  # (M, D) memory bank of the current category
         self.bank_category: str | None = None
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (S, S): images are squashed to the configured size, maps come back at it."""
-        return (self.config.image_size, self.config.image_size)
-
     def transform(self, image: Image.Image) -> Tensor:
         """Returns the (3, S, S) tensor: PIL bicubic resize, [0, 1], ImageNet mean / std (the reference's)."""
         return self.features.transform(image)
@@ -449,11 +444,6 @@ class AnomalyDINOBatched(TransductiveDetector):
             raise ValueError(f"AnomalyDINO batched: quantile must lie in (0, 1), batch_size >= 1, top_percent in "
                              f"(0, 100] (got {cfg.quantile}, {cfg.batch_size}, {cfg.top_percent})")
         self.features = DinoPatchFeatures(cfg.model, cfg.pretrained, cfg.image_size, seed)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (S, S): images are squashed to the configured size, maps come back at it."""
-        return (self.config.image_size, self.config.image_size)
 
     def transform(self, image: Image.Image) -> Tensor:
         """Returns the (3, S, S) tensor: PIL bicubic resize, [0, 1], ImageNet mean / std (the reference's)."""

@@ -303,11 +303,6 @@ class MuSc(TransductiveDetector):
             raise ValueError(f"MuSc: feature_layers {list(bad)} are outside the {self.features.depth} blocks of "
                              f"{cfg.model} (0-based block indices; the reference uses {hint} for this depth)")
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (S, S): images are squashed to the configured size, maps come back at it."""
-        return (self.config.image_size, self.config.image_size)
-
     def transform(self, image: Image.Image) -> Tensor:
         """Returns the preprocessed (3, S, S) tensor (CLIP: bicubic + OpenAI statistics; DINO: bilinear + ImageNet)."""
         return self.features.transform(image)

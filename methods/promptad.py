@@ -244,11 +244,6 @@ class PromptAD(Detector, FewShot):
         self._transform = ClipTransform(cfg.image_size)
 
     # ---- preprocessing -----------------------------------------------------------------------------------------------
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
-        return (self.config.image_size, self.config.image_size)
-
     def transform(self, image: Image.Image) -> Tensor:
         """Returns the (3, S, S) tensor: PIL bicubic squash to S×S, OpenAI mean/std."""
         return self._transform(image)

@@ -64,9 +64,16 @@ class Detector(abc.ABC):
         self.device = torch.device("cpu")
 
     @property
-    @abc.abstractmethod
     def input_size(self) -> tuple[int, int]:
-        """Returns (height, width) of the preprocessed images and of the returned anomaly maps."""
+        """Returns (height, width) of the preprocessed images and of the returned anomaly maps.
+
+        By default square ``config.image_size`` inputs, every built-in method's convention; override otherwise.
+        """
+        size = getattr(self.config, "image_size", None)
+        if not isinstance(size, int):
+            raise NotImplementedError(f"{type(self).__name__} must define input_size (its config has no int "
+                                      f"image_size)")
+        return (size, size)
 
     @abc.abstractmethod
     def transform(self, image: Image.Image) -> Tensor:

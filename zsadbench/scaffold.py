@@ -104,11 +104,6 @@ class {cls}(Detector):
         if cfg.smoothing < 1 or cfg.smoothing % 2 == 0:
             raise ValueError(f"{name}: smoothing must be an odd number of patches >= 1, got {{cfg.smoothing}}")
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
-        return (self.config.image_size, self.config.image_size)
-
     def transform(self, image: Image.Image) -> Tensor:
         """Returns the (3, S, S) float tensor in [0, 1] of an image resized to the input size."""
         size = self.config.image_size

@@ -75,11 +75,6 @@ class LearnedPartsDetector(Detector, Trainable):
                          activation=activation, seed=seed)
 
     # ---- preprocessing and bookkeeping -------------------------------------------------------------------------------
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Returns (height, width) of the preprocessed images and of the anomaly maps."""
-        return (self.config.image_size, self.config.image_size)
-
     def transform(self, image: Image.Image) -> Tensor:
         """Returns the (3, S, S) tensor: PIL bicubic squash to S×S, OpenAI mean/std."""
         return self._transform(image)
