@@ -474,7 +474,7 @@ def image_sha256(image: Tensor) -> str:
 
 def _raw_bytes(value: Tensor) -> memoryview | bytes:
     """Returns the bytes of a contiguous CPU tensor without copying them."""
-    return value.view(torch.uint8).reshape(-1).numpy().data if value.numel() else b""
+    return value.reshape(-1).view(torch.uint8).numpy().data if value.numel() else b""
 
 
 def _tensor_sha256(tensors: dict[str, Tensor]) -> str:
