@@ -301,7 +301,8 @@ def test_the_cache_folder_follows_the_option_and_the_environment(tmp_path: Path,
 
 def test_which_methods_declare_a_frozen_stage() -> None:
     from zsadbench.methods.adaptclip import AdaptCLIP
+    from zsadbench.methods.headclip import HeadCLIP
     from zsadbench.methods.winclip import WinClip
 
     assert has_frozen_stages(AnomalyCLIP) and has_frozen_stages(AdaptCLIP) and has_frozen_stages(AprilGAN)
-    assert not has_frozen_stages(WinClip)
+    assert not has_frozen_stages(WinClip) and not has_frozen_stages(HeadCLIP)

@@ -406,7 +406,13 @@ def use_feature_cache(detector: Any, cache: FeatureCache | None) -> bool:
 
 
 def has_frozen_stages(cls: type) -> bool:
-    """Returns whether a detector class declares a frozen stage (:func:`frozen_stage`)."""
+    """Returns whether a detector class declares a frozen stage (:func:`frozen_stage`) that its forward uses.
+
+    A subclass whose forward bypasses an inherited stage sets ``uses_frozen_stages = False`` (HeadCLIP: its head
+    weights act inside the tower).
+    """
+    if not getattr(cls, "uses_frozen_stages", True):
+        return False
     return any(getattr(getattr(cls, name, None), "frozen_stage", None) for name in dir(cls))
 
 
