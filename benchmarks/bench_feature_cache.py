@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224,
                         help="input size (default 224: the reference's 518 px takes ~10 min per training on 2 cores)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--train-repeats", type=int, help="timed trainings per variant (default: --repeats)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", default="ViT-L-14-336-quickgelu")
     parser.add_argument("--ref-root", help="a checkout of zqhang/AnomalyCLIP to time the reference against")
@@ -100,46 +101,7 @@ def main() -> None:
         batches = [slice(b, b + args.batch_size) for b in range(0, len(images), args.batch_size)]
         load_before = os.getloadavg()[0]
         print(f"feature cache, AnomalyCLIP {args.model} @ {args.image_size}px, random weights, {len(images)} images "
-              f"({anomalous} anomalous), batch {args.batch_size}, {args.threads} threads, {args.repeats} runs each")
-
-        if args.only in (None, "train"):
-            caches: list[Path] = []
-
-            def train(cache_dir: Path | None) -> None:
-                ours.load_state_dict(initial)
-                use_feature_cache(ours, FeatureCache(cache_dir) if cache_dir is not None else None)
-                ours.fit(dataset, epochs=args.epochs, batch_size=args.batch_size, progress=False)
-
-            def cold() -> None:
-                caches.append(work / f"cache-{len(caches)}")
-                train(caches[-1])
-
-            def warm() -> None:
-                train(caches[0])  # filled by the first cold training
-
-            runners: dict[str, Callable[[], object]] = {"zsadbench, cold cache": cold, "zsadbench, warm cache": warm}
-            if reference_fns is None:  # with a reference, it is the baseline (zsadbench's own loop costs about as much)
-                runners["zsadbench, no cache"] = lambda: train(None)
-            else:
-                ref_train = reference_fns[1]
-                generator = torch.Generator().manual_seed(111)
-
-                def reference_training() -> None:
-                    for _ in range(args.epochs):
-                        order = torch.randperm(len(images), generator=generator)
-                        for part in batches:
-                            index = order[part]
-                            ref_train(images[index], masks[index], labels[index])
-
-                runners["zqhang/AnomalyCLIP training loop"] = reference_training
-            times = timed_once_each(runners, args.repeats)
-            print(f"training, {args.epochs} epochs of {len(images)} images (s per training):")
-            for name, values in times.items():
-                print(median_line(name, values))
-            base = "zqhang/AnomalyCLIP training loop" if reference_fns is not None else "zsadbench, no cache"
-            for name in ("zsadbench, cold cache", "zsadbench, warm cache"):
-                ratio = statistics.median(times[base]) / statistics.median(times[name])
-                print(f"  training ratio {base} / {name} = {ratio:.2f}" + (" (target >= 3)" if "cold" in name else ""))
+              f"({anomalous} anomalous), batch {args.batch_size}, {args.threads} threads", flush=True)
 
         if args.only in (None, "eval"):
             cache = FeatureCache(work / "eval-cache")
@@ -175,6 +137,45 @@ def main() -> None:
                 if base in times:
                     ratio = statistics.median(times[base]) / statistics.median(times["zsadbench, cached features"])
                     print(f"  evaluation ratio {base} / zsadbench, cached features = {ratio:.2f} (target >= 5)")
+        if args.only in (None, "train"):
+            caches: list[Path] = []
+
+            def train(cache_dir: Path | None) -> None:
+                ours.load_state_dict(initial)
+                use_feature_cache(ours, FeatureCache(cache_dir) if cache_dir is not None else None)
+                ours.fit(dataset, epochs=args.epochs, batch_size=args.batch_size, progress=False)
+
+            def cold() -> None:
+                caches.append(work / f"cache-{len(caches)}")
+                train(caches[-1])
+
+            def warm() -> None:
+                train(caches[0])  # filled by the first cold training
+
+            runners: dict[str, Callable[[], object]] = {"zsadbench, cold cache": cold, "zsadbench, warm cache": warm}
+            if reference_fns is None:  # with a reference, it is the baseline (zsadbench's own loop costs about as much)
+                runners["zsadbench, no cache"] = lambda: train(None)
+            else:
+                ref_train = reference_fns[1]
+                generator = torch.Generator().manual_seed(111)
+
+                def reference_training() -> None:
+                    for _ in range(args.epochs):
+                        order = torch.randperm(len(images), generator=generator)
+                        for part in batches:
+                            index = order[part]
+                            ref_train(images[index], masks[index], labels[index])
+
+                runners["zqhang/AnomalyCLIP training loop"] = reference_training
+            times = timed_once_each(runners, args.train_repeats or args.repeats)
+            print(f"training, {args.epochs} epochs of {len(images)} images (s per training):")
+            for name, values in times.items():
+                print(median_line(name, values), flush=True)
+            base = "zqhang/AnomalyCLIP training loop" if reference_fns is not None else "zsadbench, no cache"
+            for name in ("zsadbench, cold cache", "zsadbench, warm cache"):
+                ratio = statistics.median(times[base]) / statistics.median(times[name])
+                print(f"  training ratio {base} / {name} = {ratio:.2f}" + (" (target >= 3)" if "cold" in name else ""))
+
         print(f"  1-min load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}; GPU: not run (CPU only)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -188,6 +189,7 @@ def timed_once_each(runners: dict[str, Callable[[], object]], repeats: int) -> d
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
+            print(f"    ({name}: {times[name][-1]:.2f} s)", flush=True)  # what a run cut short still shows
     return times
 
 
