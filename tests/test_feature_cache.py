@@ -306,3 +306,24 @@ def test_which_methods_declare_a_frozen_stage() -> None:
 
     assert has_frozen_stages(AnomalyCLIP) and has_frozen_stages(AdaptCLIP) and has_frozen_stages(AprilGAN)
     assert not has_frozen_stages(WinClip) and not has_frozen_stages(HeadCLIP)
+
+
+@pytest.mark.parametrize("model", ["tiny-ViT-L-14-336", "tiny-dinov2_vitl14"])
+def test_musc_patch_tokens_are_cached_exactly_and_reused_by_other_settings(tmp_path: Path, model: str) -> None:
+    from zsadbench.detector import ImageSet
+    from zsadbench.methods.musc import MuSc
+
+    options = {"model": model, "pretrained": "random", "image_size": 56, "rscin": False}
+    batch = images(5, seed=2)
+    plain = MuSc(**options).predict_set(ImageSet.from_tensor(batch, batch_size=2), "object")
+    cache = FeatureCache(tmp_path / "cache")
+    detector = MuSc(**options)
+    assert use_feature_cache(detector, cache)
+    first = detector.predict_set(ImageSet.from_tensor(batch, batch_size=2), "object")
+    assert torch.equal(first.image_scores, plain.image_scores) and torch.equal(first.anomaly_maps, plain.anomaly_maps)
+    other = MuSc(**{**options, "r_list": (1, 3)})  # other scoring settings, the same frozen tokens
+    use_feature_cache(other, cache)
+    second = other.predict_set(ImageSet.from_tensor(batch, batch_size=5), "object")
+    assert (cache.stats.hits, cache.stats.misses) == (5, 5)
+    expected = MuSc(**{**options, "r_list": (1, 3)}).predict_set(ImageSet.from_tensor(batch, batch_size=5), "object")
+    assert torch.equal(second.anomaly_maps, expected.anomaly_maps)
