@@ -310,8 +310,9 @@ def test_which_methods_declare_a_frozen_stage() -> None:
 
 @pytest.mark.parametrize("model", ["tiny-ViT-L-14-336", "tiny-dinov2_vitl14"])
 def test_musc_patch_tokens_are_cached_exactly_and_reused_by_other_settings(tmp_path: Path, model: str) -> None:
-    from zsadbench.detector import ImageSet
     from zsadbench.methods.musc import MuSc
+
+    from zsadbench.detector import ImageSet
 
     options = {"model": model, "pretrained": "random", "image_size": 56, "rscin": False}
     batch = images(5, seed=2)
