@@ -15,7 +15,9 @@ anomalous, with masks) written to a temporary folder.
   copies of layer 24), or without ``--ref-root`` against zsadbench without the cache. Target >= 3x.
 - evaluation: a second evaluation of a new checkpoint (other prompts) on the same images: ``predict`` over batches
   of 8 reading the features cached by the first evaluation, against the reference's inference (``encode_image`` +
-  ``compute_similarity`` + scipy Gaussian) and against zsadbench without the cache. Target >= 5x.
+  ``compute_similarity`` + scipy Gaussian) and against zsadbench without the cache. Target >= 5x. The reference's
+  text features are computed before timing; zsadbench's first cached run encodes the new checkpoint's prompts, the
+  later runs reuse them.
 
 Without ``--ref-root`` only zsadbench with and without the cache is timed. Runs alternate; medians are printed with
 the load average. What bounds each figure: a cold training still runs the tower once per image (so at most
