@@ -75,6 +75,7 @@ from zsadbench.clip.text import (
 )
 from zsadbench.clip.vision import forward_vision
 from zsadbench.detector import FewShot, ImageSet
+from zsadbench.feature_cache import clip_backbone_description, frozen_stage, transform_description
 from zsadbench.losses import binary_dice_loss, focal_loss
 from zsadbench.registry import register_method
 from zsadbench.training import TrainConfig
@@ -184,9 +185,24 @@ class AprilGAN(LearnedPartsDetector, FewShot):
         return self
 
     # ---- 1. visual features ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_tokens(self, images: Tensor, layers: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         """Returns CLIP's image embedding g (B, E) and the raw (B, P, D) patch tokens after each block of ``layers``."""
+        pooled, tokens = self.frozen_tokens(images)
+        by_layer = dict(zip(self.tapped_layers(), tokens))
+        return pooled, [by_layer[layer] for layer in layers]
+
+    def tapped_layers(self) -> list[int]:
+        """Returns the blocks whose tokens any step reads: the feature and the memory layers."""
+        return sorted(set(self.config.feature_layers) | set(self.config.memory_layers))
+
+    @frozen_stage("tokens", lambda self: {
+        "backbone": clip_backbone_description(self.backbone, self.clip.visual),
+        "preprocessing": transform_description(self._transform), "layers": self.tapped_layers(),
+        "outputs": "pooled ln_post(CLS) @ proj; raw patch tokens after each layer"})
+    @torch.no_grad()
+    def frozen_tokens(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Returns the pooled embedding and the patch tokens of :meth:`tapped_layers`: the frozen stage (cached)."""
+        layers = self.tapped_layers()
         out = forward_vision(self.clip.visual, images.to(self.device, torch.float32), taps=tuple(layers))
         return out.pooled, [out.taps[layer][:, 1:] for layer in layers]
 

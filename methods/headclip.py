@@ -103,6 +103,7 @@ class HeadCLIP(AnomalyCLIP):
     Config = HeadCLIPConfig
     # untrained prompts, head weights at their identity initialisation: guards the inference path and the joint score
     presets = {"smoke": {"model": "tiny-ViT-L-14-336-quickgelu", "pretrained": "random", "image_size": 56}}
+    uses_frozen_stages = False  # the head weights act inside the tower: no feature cache (zsadbench.feature_cache)
     loads_checkpoints_of = ("anomalyclip",)  # its prompts, from zsadbench's own AnomalyCLIP training (heads stay 1)
     regression_variants = {"zero-shot": presets["smoke"]}
 

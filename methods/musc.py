@@ -63,6 +63,7 @@ from zsadbench.clip import forward_vision, load_clip
 from zsadbench.clip.backbone import reference_activation
 from zsadbench.detector import ImageSet, TransductiveDetector
 from zsadbench.dino import is_dino, load_dino
+from zsadbench.feature_cache import frozen_stage, transform_description, weights_sha256
 from zsadbench.mutual_scoring import SetTooSmallError, interval_bounds, mutual_scoring
 from zsadbench.registry import register_method
 from zsadbench.transforms import ClipTransform
@@ -357,6 +358,21 @@ class MuSc(TransductiveDetector):
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def frozen_description(self) -> dict[str, Any]:
+        """Returns what determines :meth:`frozen_tokens` besides the image (the feature cache's key)."""
+        cfg, backbone = self.config, self.features.backbone
+        mixed = self.device.type == "cuda" and cfg.precision in ("auto", "fp16")
+        return {"backbone": {**{k: str(v) for k, v in self.features.describe().items()}, "model": cfg.model,
+                             "weights": weights_sha256(getattr(backbone, "weights_file", None), backbone.model),
+                             "image_size": cfg.image_size},
+                "preprocessing": transform_description(self.features.transform), "blocks": list(cfg.feature_layers),
+                "autocast": "cuda fp16" if mixed else "off"}
+
+    @frozen_stage("patch_tokens", frozen_description)
+    def frozen_tokens(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Returns the patch tokens of every feature layer and the image embeddings: the frozen stage (cached)."""
+        return self.features(images, list(self.config.feature_layers))
+
     def _extract(self, images: ImageSet, subset: list[int], what: str) -> tuple[Tensor, Tensor]:
         """Returns (tokens (L, n, P, D) on the CPU in the backbone's dtype, image embeddings (n, E)) of a subset."""
         blocks = list(self.config.feature_layers)
@@ -366,7 +382,7 @@ class MuSc(TransductiveDetector):
         bar = tqdm(total=len(subset), desc=f"MuSc features {what}", unit="img", leave=False, disable=None)
         with torch.no_grad(), self._autocast():
             for batch in _rebatch(images.batches(subset), self.config.batch_size):
-                taps, embedding = self.features(batch.to(self.device, torch.float32), blocks)
+                taps, embedding = self.frozen_tokens(batch.to(self.device, torch.float32))
                 if tokens is None:
                     tokens = torch.empty(len(blocks), len(subset), *taps[0].shape[1:], dtype=taps[0].dtype)
                 for layer, tap in enumerate(taps):

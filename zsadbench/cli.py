@@ -88,6 +88,12 @@ def add_job_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--resume", metavar="RUN",
                         help=f"resume an interrupted {what}: its run id, or the path of its folder (its original "
                              "options are used)")
+    parser.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the frozen backbone's image features on disk and reuse them (default: on for "
+                             "training, off for run); `zsadbench cache info` shows the cache")
+    parser.add_argument("--feature-cache-dir", metavar="DIR",
+                        help="the feature cache's folder (default: $ZSADBENCH_FEATURE_CACHE or "
+                             "<results>/cache/features)")
 
 
 def method_overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -191,7 +197,8 @@ def job_fields(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
         raise UsageError("--method and --dataset are required (or --resume RUN)")
     return dict(method=args.method, dataset=args.dataset, data_root=args.data_root, categories=args.categories,
                 overrides=method_overrides(args), dataset_options=parse_assignments(args.dataset_option),
-                seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name)
+                seed=args.seed, device=args.device, experiment=args.experiment, run_name=args.run_name,
+                feature_cache=args.feature_cache, feature_cache_dir=args.feature_cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -592,6 +599,34 @@ def _add_new_method(sub: argparse._SubParsersAction) -> Handler:
 
 
 COMMANDS.append(_add_new_method)
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("cache", help="the feature cache of frozen backbone features: show (info) or empty (clear)",
+                       description="The feature cache keeps what frozen backbones computed for each image (on by "
+                                   "default for `zsadbench train`, `--feature-cache` for `zsadbench run`). `info` "
+                                   "prints entries and size per stage against the bound; `clear` deletes entries.")
+    p.add_argument("action", choices=("info", "clear"), help="info: entries, size, bound, location; clear: delete")
+    p.add_argument("--dir", dest="cache_dir", metavar="DIR",
+                   help="the cache folder (default: $ZSADBENCH_FEATURE_CACHE or <results>/cache/features)")
+    p.add_argument("--stage", help="clear only this stage's entries (a name `info` lists, e.g. anomalyclip.dual_path)")
+
+    def handle(args: argparse.Namespace) -> int:
+        from zsadbench.feature_cache import FeatureCache, format_size
+
+        cache = FeatureCache(args.cache_dir)
+        if args.action == "info":
+            print(cache.info().format())
+            return 0
+        count, size = cache.clear(args.stage)
+        print(f"removed {count} entr{'y' if count == 1 else 'ies'} ({format_size(size)}) from {cache.root}"
+              + (f", stage {args.stage}" if args.stage else ""))
+        return 0
+
+    return handle
+
+
+COMMANDS.append(_add_cache)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -67,6 +67,8 @@ class JobSpec:
     device: str = "cpu"
     experiment: str = "zsadbench"
     run_name: str | None = None
+    feature_cache: bool | None = None  # keep frozen features on disk; None: the kind's default (FEATURE_CACHE_DEFAULT)
+    feature_cache_dir: str | None = None  # None: $ZSADBENCH_FEATURE_CACHE or <results>/cache/features
 
     kind: ClassVar[str] = ""
     command: ClassVar[str] = ""  # how a user starts (and resumes) this kind of job
@@ -79,7 +81,8 @@ class JobSpec:
             if value and Path(value).expanduser().exists():
                 overrides[key] = str(Path(value).expanduser().resolve())
         data_root = str(Path(self.data_root).expanduser().resolve()) if self.data_root else None
-        return replace(self, data_root=data_root, overrides=overrides)
+        cache_dir = str(Path(self.feature_cache_dir).expanduser().resolve()) if self.feature_cache_dir else None
+        return replace(self, data_root=data_root, overrides=overrides, feature_cache_dir=cache_dir)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the spec as stored in ``state.json``."""
@@ -116,6 +119,8 @@ class TrainSpec(JobSpec):
 
 SPECS: dict[str, type[RunSpec] | type[TrainSpec]] = {"evaluation": RunSpec, "training": TrainSpec}
 SpecT = TypeVar("SpecT", RunSpec, TrainSpec)
+# the feature cache (zsadbench.feature_cache) is on by default where images repeat within one job (every epoch)
+FEATURE_CACHE_DEFAULT = {"evaluation": False, "training": True}
 
 
 # --------------------------------------------------------------------------------------------------------- folder
@@ -207,6 +212,8 @@ def preflight(spec: JobSpec, uri: str | None = None) -> None:
     if spec.data_root and not Path(spec.data_root).is_dir():
         raise FileNotFoundError(f"--data-root {spec.data_root}: no such folder")
     _check_device(spec.device)
+    if spec.feature_cache_dir and Path(spec.feature_cache_dir).exists() and not Path(spec.feature_cache_dir).is_dir():
+        raise ValueError(f"--feature-cache-dir {spec.feature_cache_dir}: exists and is not a folder")
     if isinstance(spec, RunSpec) and spec.eval.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {spec.eval.batch_size}")
     if isinstance(spec, TrainSpec):
@@ -333,13 +340,37 @@ class Job:
 
 
 def _build(spec: JobSpec) -> tuple[Dataset, Detector]:
-    """Returns the dataset (restricted to the spec's categories) and the ready, seeded detector."""
+    """Returns the dataset (restricted to the spec's categories) and the ready, seeded detector (with its cache)."""
     import zsadbench
 
     dataset = get_dataset(spec.dataset).load(spec.data_root, **spec.dataset_options)
     if spec.categories:
         dataset = dataset.subset(spec.categories)
-    return dataset, zsadbench.load_method(spec.method, seed=spec.seed, device=spec.device, **spec.overrides)
+    detector = zsadbench.load_method(spec.method, seed=spec.seed, device=spec.device, **spec.overrides)
+    _attach_feature_cache(spec, detector)
+    return dataset, detector
+
+
+def _attach_feature_cache(spec: JobSpec, detector: Detector) -> None:
+    """Gives the detector the job's feature cache when the job uses one and the method declares a frozen stage."""
+    from zsadbench.feature_cache import FeatureCache, has_frozen_stages, use_feature_cache
+
+    wanted = FEATURE_CACHE_DEFAULT.get(spec.kind, False) if spec.feature_cache is None else spec.feature_cache
+    if wanted and has_frozen_stages(type(detector)):
+        use_feature_cache(detector, FeatureCache(spec.feature_cache_dir))
+
+
+def feature_cache_params(detector: Detector) -> dict[str, Any]:
+    """Returns the parameters saying whether the job used the feature cache, and where."""
+    cache = getattr(detector, "feature_cache", None)
+    return {"feature_cache": "off"} if cache is None else {"feature_cache": "on", "feature_cache.root": str(cache.root)}
+
+
+def log_feature_cache_stats(job: Job, detector: Detector) -> None:
+    """Logs the job's feature-cache counts (images read, computed, written, corrupt, evicted) as metrics."""
+    cache = getattr(detector, "feature_cache", None)
+    if cache is not None:
+        job.tracker.log_metrics({f"feature_cache/{k}": float(v) for k, v in vars(cache.stats).items()})
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -396,7 +427,7 @@ def run(spec: RunSpec | None = None, *, resume: str | None = None, tracking_uri:
     # every file's header and every draw of shots is checked before a run is recorded or a model runs
     plans = plan_categories(detector, dataset, [c for c in categories if c not in done], spec.eval, progress)
     job = reopened or Job.start(spec, tracking_uri)
-    job.record_params(job_params(spec, detector, categories))
+    job.record_params(job_params(spec, detector, categories) | feature_cache_params(detector))
     job.folder.categories.mkdir(exist_ok=True)
 
     def finished(result: CategoryResult) -> None:
@@ -411,6 +442,7 @@ def run(spec: RunSpec | None = None, *, resume: str | None = None, tracking_uri:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(result.to_json(), indent=2))
         job.record_params({f"mean_categories.{group}": note for group, note in result.partial_means().items()})
+        log_feature_cache_stats(job, detector)
         job.tracker.log_metrics(result.means)
         job.tracker.log_artifacts(job.folder.path)
     job.finish("complete")
@@ -460,7 +492,8 @@ def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_
     job = reopened or Job.start(spec, tracking_uri)
     categories = sorted({s.category for s in samples})
     job.record_params({**job_params(spec, detector, categories), "split": detector.config.train.split,  # type: ignore[attr-defined]
-                       "images": len(samples), "anomalous_images": sum(s.label for s in samples)})
+                       "images": len(samples), "anomalous_images": sum(s.label for s in samples),
+                       **feature_cache_params(detector)})
 
     first_step: list[int] = []  # a resumed training repeats the steps after its last checkpoint: drop their old lines
 
@@ -483,6 +516,7 @@ def train(spec: TrainSpec | None = None, *, resume: str | None = None, tracking_
         result = fit(detector, dataset, checkpoint_dir=job.folder.path,  # type: ignore[arg-type]
                      resume_from=last_checkpoint(job.folder.path), progress=progress, on_step=on_step,
                      on_epoch=on_epoch)
+        log_feature_cache_stats(job, detector)
     final = last_checkpoint(job.folder.path)
     if final is not None:
         job.tracker.set_tags({CHECKPOINT_TAG: str(final)})

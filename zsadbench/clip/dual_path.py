@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from zsadbench.clip.attention import attend, block_forward, merge_heads, project_qkv
@@ -114,6 +115,11 @@ def forward_dual_path(visual: VisionTower, images: Tensor, *, start_layer: int =
                 vv_out[layer] = vv
         if layer in want_original:
             original_out[layer] = x
-    global_feature = x[:, 0] @ visual.proj if visual.proj is not None else x[:, 0]
+    # per image (no ln_post): a (B, D) @ (D, E) product's rounding depends on B, see vision.project_each
+    cls = x[:, 0]
+    if visual.proj is None:
+        global_feature = cls
+    else:
+        global_feature = torch.stack([row @ visual.proj for row in cls]) if len(cls) else cls @ visual.proj
     return DualPathOutput(global_feature, x, {k: vv_out[k] for k in vv_taps},
                           {k: original_out[k] for k in original_taps}, {k: attention_out[k] for k in attention_taps})

@@ -31,6 +31,7 @@ from zsadbench.checkpoints import CHECKPOINT_FORMAT, CheckpointError, check_keys
 from zsadbench.clip.backbone import ActivationRule, ClipBackbone, load_clip, reference_activation
 from zsadbench.clip.dual_path import HeadWeightsFn, forward_dual_path
 from zsadbench.detector import Detector, Trainable
+from zsadbench.feature_cache import FeatureCache, clip_backbone_description, frozen_stage, transform_description
 from zsadbench.hashing import file_sha256
 from zsadbench.transforms import ClipTransform
 
@@ -61,6 +62,7 @@ class LearnedPartsDetector(Detector, Trainable):
         self.checkpoint_source: str | None = None  # sha256 of the loaded checkpoint
         self._fitted = False  # trained in this session (no checkpoint needed to score meaningfully)
         self._warned_untrained = False
+        self.feature_cache: FeatureCache | None = None  # frozen image features kept on disk (zsadbench.feature_cache)
         self.build_learnable_parts()
         self.set_train_mode(False)
         if cfg.checkpoint:
@@ -118,8 +120,23 @@ class LearnedPartsDetector(Detector, Trainable):
         """Returns global features (B, E) and patch features (B, 1 + P, E) per ``feature_layers`` layer, not normalised.
 
         The dual-path (DPAM) tower from ``vv_start_layer`` on. It is frozen, so autograd records nothing here unless
-        ``head_weights`` (HeadCLIP) carry gradients.
+        ``head_weights`` (HeadCLIP) carry gradients; without them it is the frozen stage the feature cache keeps.
         """
+        if head_weights is None:
+            return self.frozen_image_features(images)
+        return self.dual_path_features(images, head_weights)
+
+    @frozen_stage("dual_path", lambda self: {
+        "backbone": clip_backbone_description(self.backbone, self.clip.visual),
+        "preprocessing": transform_description(self._transform), "vv_start_layer": self.config.vv_start_layer,
+        "feature_layers": list(self.config.feature_layers),
+        "outputs": "global o_L[CLS] @ proj (no ln_post); patches ln_post(v_l) @ proj per feature layer"})
+    def frozen_image_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Returns :meth:`encode_images` without head weights: the frozen stage, read from the feature cache if any."""
+        return self.dual_path_features(images, None)
+
+    def dual_path_features(self, images: Tensor, head_weights: HeadWeightsFn | None) -> tuple[Tensor, list[Tensor]]:
+        """Returns :meth:`encode_images`'s global and patch features, computed (never cached)."""
         visual, layers = self.clip.visual, tuple(self.config.feature_layers)
         out = forward_dual_path(visual, images.to(self.device, torch.float32), start_layer=self.config.vv_start_layer,
                                 vv_taps=layers, head_weights=head_weights)

@@ -47,6 +47,17 @@ def project_tokens(visual: VisionTower, tokens: Tensor) -> Tensor:
     return x @ visual.proj if visual.proj is not None else x
 
 
+def project_each(visual: VisionTower, tokens: Tensor) -> Tensor:
+    """Returns :func:`project_tokens` of (B, D) tokens, one image at a time: the same bits whatever the batch.
+
+    A (B, D) @ (D, E) product's rounding depends on B (the BLAS kernel chosen), so a pooled embedding would differ
+    with the batch its image came in; per image it equals what the feature cache stored (zsadbench.feature_cache).
+    """
+    if not len(tokens):
+        return project_tokens(visual, tokens)
+    return torch.stack([project_tokens(visual, row) for row in tokens])
+
+
 @dataclass
 class VisionOutput:
     """What :func:`forward_vision` returns."""
@@ -71,7 +82,7 @@ def forward_vision(visual: VisionTower, images: Tensor, taps: Sequence[int] = ()
         x = block_forward(block, x, attention_fn=attention_fn)
         if index in wanted:
             out[index] = x
-    return VisionOutput(project_tokens(visual, x[:, 0]), x, {k: out[k] for k in taps})
+    return VisionOutput(project_each(visual, x[:, 0]), x, {k: out[k] for k in taps})
 
 
 ROW_CHUNK = 8192  # token rows per token-wise step (~3 images of WinCLIP windows): bounds the MLP buffer to ~120 MB
