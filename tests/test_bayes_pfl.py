@@ -87,6 +87,12 @@ def test_prompt_flow_samples_and_kl_term() -> None:
     agnostic = detector.pfl.PFL_normal
     one = torch.randn(1, 32)
     assert torch.equal(agnostic.sample(x[:1], one).zk, agnostic.sample(x[1:2], one).zk)
+    # its single draw is broadcast over the image batch in the density terms, not in the log-det (the reference's)
+    single = agnostic.sample(x, one)
+    log_q = (-0.5 * (single.variance.log() + (single.z0 - single.mu) ** 2 / single.variance)).sum()
+    log_p = (-0.5 * single.zk ** 2).sum()
+    expected = (log_q - log_p) - single.log_det.sum() / 3
+    assert abs(flow_kl_divergence(single, 3).item() - expected.item()) < 1e-3 * abs(expected.item())
 
 
 def test_residual_cross_modal_attention_written_out() -> None:

@@ -12,7 +12,8 @@ flows z_k = z_{k-1} + u_k tanh(w_k · z_{k-1} + b_k) (Rezende & Mohamed 2015), c
 - :class:`ImageAgnosticFlow` (``PlanarPFL_state``): x is a learned ``state`` vector and u, w, b are free parameters,
   one flow shared by all images.
 - :func:`flow_kl_divergence`: the Monte-Carlo KL term of the flow ELBO, ``[Σ (log q(z_0) - log p(z_K)) - Σ log det]``
-  divided by a batch size, with p = N(0, I) (the reference's ``binary_loss_function``, its reconstruction part unused).
+  divided by a batch size, with p = N(0, I) (the reference's ``binary_loss_function``, its reconstruction part unused,
+  its broadcast of a single draw over the batch kept).
 
 Randomness is explicit: every sampling function takes the standard-normal draws ``eps`` as an argument, so callers
 decide where they come from (a seeded generator at inference, the global RNG during training, recorded draws in the
@@ -168,11 +169,14 @@ def log_normal_density(x: Tensor, mean: Tensor | float, log_variance: Tensor) ->
 
 
 def flow_kl_divergence(sample: FlowSample, batch_size: int) -> Tensor:
-    """Returns [Σ_rows (log q(z_0) - log N(z_K; 0, I)) - Σ_rows log det] / ``batch_size`` (the flow's KL term).
+    """Returns [Σ (log q(z_0) - log N(z_K; 0, I)) - Σ log det] / ``batch_size`` (the flow's KL term).
 
-    ``batch_size`` is the number of images of the step, also for the image-agnostic flow's single draw (the reference
-    divides by the image batch there too).
+    ``batch_size`` is the number of images of the step. The reference evaluates log N(z_K; 0, I) with a
+    (batch_size, D) zero log-variance, so a single draw (the image-agnostic flows) is broadcast to ``batch_size`` rows:
+    its density difference counts ``batch_size`` times and the total is divided by ``batch_size``, while its log-det
+    counts once. Reproduced here: for one draw the term is (log q - log p) - log det / batch_size.
     """
-    log_p_zk = log_normal_density(sample.zk, 0, torch.zeros_like(sample.zk)) + 1e-8
+    log_variance = torch.zeros(batch_size, sample.zk.shape[1], dtype=sample.zk.dtype, device=sample.zk.device)
+    log_p_zk = log_normal_density(sample.zk, 0, log_variance) + 1e-8
     log_q_z0 = log_normal_density(sample.z0, sample.mu, sample.variance.log()) + 1e-8
     return (torch.sum(log_q_z0 - log_p_zk) - torch.sum(sample.log_det)) / batch_size
