@@ -111,6 +111,72 @@ def fixed_draws(draws: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         raise RuntimeError(f"{len(queue)} fixed draws were not used")
 
 
+@contextlib.contextmanager
+def reference_session(ref_root: str) -> Iterator[dict[str, Any]]:
+    """Imports the reference from ``ref_root`` with the CPU shims active; yields its modules (cwd = the work tree)."""
+    install_import_shims()
+    cwd = os.getcwd()
+    with reference_on_path(ref_root, modules=("models", "loss")), rewinding_jit_load(), cuda_is_identity(), \
+            cuda_device_is_cpu():
+        os.chdir(ref_root)  # its tokenizer opens ./models/bpe_simple_vocab_16e6.txt.gz
+        try:
+            import loss
+            from models import VPB, model_CLIP
+            yield {"loss": loss, "VPB": VPB, "model_CLIP": model_CLIP}
+        finally:
+            os.chdir(cwd)
+
+
+def build_reference(modules: dict[str, Any], weights: str, size: int, samples: int, layers: list[int],
+                    seed: int) -> tuple[Any, Any, Any, argparse.Namespace]:
+    """Returns (CLIP, Context_Prompting with seeded perturbed parameters, TextEncoder, args) built by the reference."""
+    clip, _, _ = modules["model_CLIP"].Load_CLIP(size, weights, device="cpu")
+    clip.eval().requires_grad_(False)
+    options = argparse.Namespace(vision_width=int(clip.visual.conv1.weight.shape[0]),
+                                 text_width=int(clip.ln_final.weight.shape[0]),
+                                 embed_dim=int(clip.text_projection.shape[1]), prompt_num=3, prompt_context_len=5,
+                                 prompt_state_len=5, num_flows=10, sample_num=samples, features_list=list(layers),
+                                 image_size=size)
+    torch.manual_seed(seed)
+    model = modules["VPB"].Context_Prompting(args=options)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+    return clip, model, modules["VPB"].TextEncoder(clip, options), options
+
+
+def infer_one(modules: dict[str, Any], clip: Any, model: Any, text_encoder: Any, image: torch.Tensor,
+              draws: list[torch.Tensor], options: argparse.Namespace, stages: tuple[int, ...] = (2,)
+              ) -> dict[str, Any]:
+    """Runs test.py's per-image inference (batch 1) with fixed draws; returns scores and logits per stage, the map."""
+    pairs = options.prompt_num * options.sample_num
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        image_features, _, patch_tokens = clip.encode_image(image, options.features_list)
+        with fixed_draws(draws):
+            text, _ = model.forward_ensemble(text_encoder, image_features, patch_tokens, [CLASS_NAME], "cpu",
+                                             modules["model_CLIP"].tokenize, mode="test")
+        for stage in stages:
+            logits, maps_list = model(text, image_features, patch_tokens, stage=stage, mode="test")
+            logits = logits.squeeze(2)
+            score = 0
+            for i in range(pairs):  # test.py's loop
+                probabilities = torch.cat([logits[:, i].unsqueeze(0), logits[:, i + pairs].unsqueeze(0)],
+                                          dim=1).softmax(dim=-1)
+                score = score + probabilities[0, 1]
+            result[f"score_stage{stage}"] = score / pairs
+            result[f"logits_stage{stage}"] = logits[0]
+        anomaly_maps = []
+        for layer_maps in maps_list:  # test.py's loop (the maps do not depend on the stage)
+            for i in range(pairs):
+                pair = torch.softmax(torch.stack([layer_maps[:, i], layer_maps[:, i + pairs]], dim=1), dim=1)
+                anomaly_maps.append(pair[:, 1].cpu().numpy())
+        result["map"] = torch.from_numpy(np.mean(anomaly_maps, axis=0)[0])
+        result["global"], result["text"] = image_features[0], text[0]
+    return result
+
+
 def main() -> None:
     """Runs the reference and writes the recording (see the module docstring)."""
     parser = common_arguments(__doc__ or "")
@@ -126,33 +192,18 @@ def main() -> None:
     started = time.time()
     shims = install_import_shims()
 
-    with reference_on_path(args.ref_root, modules=("models", "loss")), rewinding_jit_load(), cuda_is_identity(), \
-            cuda_device_is_cpu():
-        os.chdir(args.ref_root)  # its tokenizer opens ./models/bpe_simple_vocab_16e6.txt.gz
-        import loss as reference_loss
-        from models import VPB
-        from models.model_CLIP import Load_CLIP, _transform_test, tokenize
-
+    with reference_session(os.path.abspath(args.ref_root)) as modules:
+        reference_loss = modules["loss"]
+        tokenize = modules["model_CLIP"].tokenize
         size, samples = args.image_size, args.sample_num
-        clip, _, _ = Load_CLIP(size, args.weights, device="cpu")
-        clip.eval().requires_grad_(False)
-        embed_dim = int(clip.text_projection.shape[1])
-        options = argparse.Namespace(vision_width=int(clip.visual.conv1.weight.shape[0]),
-                                     text_width=int(clip.ln_final.weight.shape[0]), embed_dim=embed_dim,
-                                     prompt_num=3, prompt_context_len=5, prompt_state_len=5, num_flows=10,
-                                     sample_num=samples, features_list=list(args.layers), image_size=size)
-        torch.manual_seed(args.seed)
-        model = VPB.Context_Prompting(args=options)
-        generator = torch.Generator().manual_seed(args.seed + 1)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+        clip, model, text_encoder, options = build_reference(modules, args.weights, size, samples, args.layers,
+                                                             args.seed)
+        embed_dim = options.embed_dim
         learned = sibling(args.out, "_bayes_pfl.pth")
         torch.save({"MyModel": model.state_dict()}, learned)
-        text_encoder = VPB.TextEncoder(clip, options)
 
         arrays, masks, labels = query_images(args.images, args.seed)
-        transform = _transform_test(size)
+        transform = modules["model_CLIP"]._transform_test(size)
         from PIL import Image
         images = torch.stack([transform(Image.fromarray(a)) for a in arrays])
 
@@ -165,32 +216,11 @@ def main() -> None:
                                                                   "abnormal": abnormal}}
         per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("global", "text", "score_stage2", "score_stage1",
                                                                     "map", "logits_stage2", "logits_stage1")}
-        pairs = 3 * samples
         for index in range(len(images)):
-            with torch.no_grad():
-                image = images[index:index + 1]
-                image_features, _, patch_tokens = clip.encode_image(image, args.layers)
-                with fixed_draws([*context, *normal, *abnormal]):
-                    text, _ = model.forward_ensemble(text_encoder, image_features, patch_tokens, [CLASS_NAME], "cpu",
-                                                     tokenize, mode="test")
-                for stage in (2, 1):
-                    logits, maps_list = model(text, image_features, patch_tokens, stage=stage, mode="test")
-                    logits = logits.squeeze(2)
-                    score = 0
-                    for i in range(pairs):  # test.py's loop
-                        probabilities = torch.cat([logits[:, i].unsqueeze(0), logits[:, i + pairs].unsqueeze(0)],
-                                                  dim=1).softmax(dim=-1)
-                        score = score + probabilities[0, 1]
-                    per_image[f"score_stage{stage}"].append(score / pairs)
-                    per_image[f"logits_stage{stage}"].append(logits[0])
-                anomaly_maps = []
-                for layer_maps in maps_list:  # test.py's loop (the maps do not depend on the stage)
-                    for i in range(pairs):
-                        pair = torch.softmax(torch.stack([layer_maps[:, i], layer_maps[:, i + pairs]], dim=1), dim=1)
-                        anomaly_maps.append(pair[:, 1].cpu().numpy())
-                per_image["map"].append(torch.from_numpy(np.mean(anomaly_maps, axis=0)[0]))
-                per_image["global"].append(image_features[0])
-                per_image["text"].append(text[0])
+            result = infer_one(modules, clip, model, text_encoder, images[index:index + 1],
+                               [*context, *normal, *abnormal], options, stages=(2, 1))
+            for key, values in per_image.items():
+                values.append(result[key])
             print(f"image {index + 1}/{len(images)} done ({time.time() - started:.0f} s)", file=sys.stderr)
         out.update({k: torch.stack(v) for k, v in per_image.items()})
         from scipy.ndimage import gaussian_filter
