@@ -6,6 +6,7 @@ from zsadbench.methods import (
     anomalyclip,  # noqa: E402,F401  (registers "anomalyclip")
     anomalydino,  # noqa: E402,F401  (registers "anomalydino" and "anomalydino-batched")
     aprilgan,  # noqa: E402,F401  (registers "aprilgan")
+    bayes_pfl,  # noqa: E402,F401  (registers "bayes_pfl")
     headclip,  # noqa: E402,F401  (registers "headclip")
     musc,  # noqa: E402,F401  (registers "musc")
     promptad,  # noqa: E402,F401  (registers "promptad")

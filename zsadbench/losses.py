@@ -49,3 +49,29 @@ def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, marg
     positive_distance = (anchor - positive).pow(2).sum(dim=1)
     negative_distance = (anchor - negative).pow(2).sum(dim=1)
     return torch.relu(positive_distance - negative_distance + margin).mean()
+
+
+def balanced_focal_loss(probabilities: Tensor, target: Tensor, gamma: float = 2.0, eps: float = 1e-8) -> Tensor:
+    """Returns Bayes-PFL's focal loss: the mean over foreground pixels plus the mean over background pixels.
+
+    ``probabilities`` (B, 2, H, W) [normal, abnormal], ``target`` (B, H, W) in {0, 1}. Per pixel
+    -(1 - p_t)^gamma log(p_t + eps) with p_t the probability of the true class (no label smoothing); the foreground
+    and background sums are each divided by their pixel count (+ eps), so an all-normal batch adds 0 for the
+    foreground (xiaozhen228/Bayes-PFL ``loss.py`` FocalLoss).
+    """
+    one_hot = torch.nn.functional.one_hot(target.long(), num_classes=2).permute(0, 3, 1, 2).to(probabilities.dtype)
+    p_t = (probabilities * one_hot).sum(dim=1)
+    loss = -((1 - p_t) ** gamma) * torch.log(p_t + eps)
+    foreground = (target > 0).to(loss.dtype)
+    background = 1 - foreground
+    return (loss * foreground).sum() / (foreground.sum() + eps) + (loss * background).sum() / (background.sum() + eps)
+
+
+def foreground_dice_loss(probabilities: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
+    """Returns 1 - (2 Σ p_abn·gt + s) / (Σ p_abn + Σ gt + s) over the whole batch (Bayes-PFL's DiceLoss, abnormal only).
+
+    ``probabilities`` (B, 2, H, W), ``target`` (B, H, W); one Dice over all pixels of the batch, not per image.
+    """
+    abnormal, target = probabilities[:, 1], target.to(probabilities.dtype)
+    intersection = torch.sum(abnormal * target)
+    return 1 - (2 * intersection + smooth) / (torch.sum(abnormal) + torch.sum(target) + smooth)
