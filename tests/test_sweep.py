@@ -159,7 +159,8 @@ def test_grid_on_ray_survives_a_killed_worker_and_reports_a_failing_cell(
     spec = parse_spec(data, "grid.toml")
     killed: list[int] = []
     watcher = kill_when_started(spec.folder, "winclip on syn-a, 0-shot (seed 0)", isolated_results, killed)
-    outcome = sweep.execute(spec, ray_address=local_ray, tracking_uri=mlflow_server, workers=2, progress=False,
+    with_password = mlflow_server.replace("http://", "http://sweeper:s3cret@")  # must never be written anywhere
+    outcome = sweep.execute(spec, ray_address=local_ray, tracking_uri=with_password, workers=2, progress=False,
                             publish_every=1.0)
     watcher.join(timeout=1)
     grid = outcome.grid
@@ -196,6 +197,13 @@ def test_grid_on_ray_survives_a_killed_worker_and_reports_a_failing_cell(
     assert parent.data.metrics["cells_done"] == 4 and parent.data.metrics["cells_failed"] == 1
     assert outcome.leaderboard is not None and "WinCLIP" in outcome.leaderboard.read_text()
     assert "no-such-category" in (spec.folder / "grid.md").read_text()
+    # the password is in no file of the results folder, and in no parameter or tag of any run
+    for path in isolated_results.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".csv", ".html", ".jsonl", ".log", ".txt"):
+            assert "s3cret" not in path.read_text(errors="replace"), path
+    for run in client.search_runs([parent.info.experiment_id]):
+        assert "s3cret" not in json.dumps([run.data.params, run.data.tags])
+    assert parent.data.params["tracking_uri"] == with_password.replace("sweeper:s3cret", "***")
 
 
 def evaluation_folder(results: Path, run_id: str) -> Path:

@@ -337,12 +337,12 @@ def parse_spec(data: dict[str, Any], where: str = "sweep spec", default_name: st
         if "pretrained" in table:
             overrides["pretrained"] = str(table["pretrained"])
         overrides |= {k: str(v) for k, v in _flatten(table.get("set") or {}).items()}
-        entry = MethodEntry(key, method, overrides, train=bool(table.get("train", False)),
+        method_entry = MethodEntry(key, method, overrides, train=bool(table.get("train", False)),
                             checkpoints=[str(Path(c).expanduser().resolve()) for c in table.get("checkpoints", [])],
                             shots=_int_list(table["shots"], f"{at} shots") if "shots" in table else None,
                             datasets=table.get("datasets"))
-        _check_method(entry, cls, datasets, at)
-        methods.append(entry)
+        _check_method(method_entry, cls, datasets, at)
+        methods.append(method_entry)
     if not methods:
         raise SpecError(f"{where}: no [methods.NAME] table")
     eval_table = data.get("eval") or {}
@@ -475,7 +475,7 @@ def expand(spec: SweepSpec, *, device: str = "cpu", fingerprints: dict[str, str 
                     dataset_options=dict(entry.options), device=device, experiment=spec.experiment_name)
 
     for method in spec.methods:
-        has_shots = "shots" in {f for f in get_method(method.method).Config.__dataclass_fields__}
+        has_shots = "shots" in get_method(method.method).Config.__dataclass_fields__  # type: ignore[attr-defined]
         shots_axis = method.shots if method.shots is not None else spec.shots
         shots_axis = shots_axis if has_shots else [0]  # zero-shot-only methods: the shots axis does not apply
         tested = [d for d in spec.datasets.values() if d.evaluate and (method.datasets is None
@@ -601,20 +601,19 @@ def execute_cell(cell: dict[str, Any], checkpoint: Any, settings: dict[str, Any]
     started = time.time()
     record.update(key=cell["key"], label=cell["label"], kind=cell["kind"], status="running", attempts=attempt,
                   started=started, host=socket.gethostname(), pid=os.getpid(), error=None)
-    existing = finished_jobs().get((cell["kind"], spec.run_name))
+    existing = finished_jobs().get((cell["kind"], spec.run_name or ""))
     try:
         if existing is not None and existing[1] == "complete":
             folder = existing[0]
         else:
             if existing is None:
                 _drop_orphan_runs(spec)
-            if cell["kind"] == "training":
-                outcome = jobs.train(None if existing else spec, resume=str(existing[0].path) if existing else None,
-                                     progress=False)
+            resume = str(existing[0].path) if existing else None
+            if isinstance(spec, TrainSpec):
+                folder_path = jobs.train(None if resume else spec, resume=resume, progress=False).folder
             else:
-                outcome = jobs.run(None if existing else spec, resume=str(existing[0].path) if existing else None,
-                                   progress=False)
-            folder = JobFolder(outcome.folder)
+                folder_path = jobs.run(None if resume else spec, resume=resume, progress=False).folder
+            folder = JobFolder(folder_path)
         result: dict[str, Any] = {"key": cell["key"], "run_id": folder.run_id, "folder": str(folder.path)}
         if cell["kind"] == "training":
             final = last_checkpoint(folder.path)
@@ -1064,6 +1063,9 @@ def _run_on_ray(spec: SweepSpec, cells: list[Cell], grid: Grid, parent: ParentRu
                         grid.run_ids[key] = outcome["run_id"]
                         grid.seconds[key] = outcome["seconds"]
                         grid.attempts[key] = grid.record(key).read().get("attempts", 1)
+                        if bar.disable and progress:  # not a terminal: one line per finished cell instead
+                            print(f"done: {cell.label} ({outcome['seconds']:.0f} s, run {outcome['run_id']}); "
+                                  f"{grid.summary()}", flush=True)
                     bar.update(1)
                 grid.refresh()
                 counts = grid.counts()
