@@ -194,6 +194,11 @@ def test_grid_on_ray_survives_a_killed_worker_and_reports_a_failing_cell(
     parent = client.get_run(outcome.parent_run)
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run)}
     assert {"sweep_grid.json", "sweep_grid.md"} <= artifacts
+    from mlflow.artifacts import load_dict
+
+    table = load_dict(f"{parent.info.artifact_uri}/sweep_grid.json")  # the final table, one row per cell
+    column = table["columns"].index("status")
+    assert sorted(row[column] for row in table["data"]) == ["done"] * 4 + ["failed"]
     assert parent.data.metrics["cells_done"] == 4 and parent.data.metrics["cells_failed"] == 1
     assert outcome.leaderboard is not None and "WinCLIP" in outcome.leaderboard.read_text()
     assert "no-such-category" in (spec.folder / "grid.md").read_text()

@@ -885,8 +885,13 @@ class ParentRun:
         client, run_id = self.tracker.client, self.run_id
 
         def log() -> None:
-            client.log_table(run_id, data=pd.DataFrame(grid.rows()), artifact_file="sweep_grid.json")
+            # log_table would append to the earlier table: the file is rewritten in its format ("columns", "data"),
+            # and the tag it sets makes the MLflow UI show it as a table
+            table = pd.DataFrame(grid.rows()).to_dict(orient="split")
+            client.log_dict(run_id, {"columns": table["columns"], "data": table["data"]}, "sweep_grid.json")
             client.log_text(run_id, grid.markdown(), "sweep_grid.md")
+            client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([{"path": "sweep_grid.json",
+                                                                          "type": "table"}]))
 
         self.tracker._call("logging the grid", log)
         self.tracker.log_metrics({f"cells_{state}": n for state, n in grid.counts().items()}, step=self.step)
