@@ -146,6 +146,7 @@ def kill_when_started(folder: Path, label: str, results: Path, killed: list[int]
     return thread
 
 
+@pytest.mark.slow
 def test_grid_on_ray_survives_a_killed_worker_and_reports_a_failing_cell(
         local_ray: str, mlflow_server: str, isolated_results: Path) -> None:
     """A grid with a training and the run needing its checkpoint, a worker killed mid-job, a cell that always fails,
@@ -216,6 +217,7 @@ def evaluation_folder(results: Path, run_id: str) -> Path:
     return results / "runs" / run_id
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_recomputing(local_ray: str, mlflow_server: str, isolated_results: Path,
                                                        tmp_path: Path) -> None:
     import tomli_w
@@ -247,6 +249,12 @@ def test_interrupted_sweep_resumes_without_recomputing(local_ray: str, mlflow_se
     assert 2 <= len(done_before) < 6
     mtimes = {k: (isolated_results / "runs" / r["run_id"] / "results.json").stat().st_mtime_ns
               for k, r in done_before.items()}
+    # the leaderboard of what is finished, written while the sweep is not done
+    from zsadbench.cli import main
+
+    assert main(["sweep", str(path), "--leaderboard", "--tracking-uri", mlflow_server]) == 0
+    board = (spec.folder / "leaderboard" / "leaderboard.md").read_text()
+    assert "WinCLIP" in board and any(r["run_id"] in board for r in done_before.values())
     outcome = sweep.execute(spec, ray_address=local_ray, tracking_uri=mlflow_server, progress=False)
     grid = outcome.grid
     assert set(grid.status.values()) == {"done"} and len(grid.cells) == 6
