@@ -9,7 +9,7 @@ dataset (``trained_on``, the ZSAD protocol: VisA -> MVTec AD, MVTec AD -> everyt
 checkpoint depend on that training cell.
 
 Execution is Ray's (:func:`execute`): a local instance the sweep starts (one slot per GPU, else CPU slots that fit
-the cores and memory; listening on 127.0.0.1) or an existing cluster (``--ray-address``). Each cell is a Ray task
+the cores and memory; node address 127.0.0.1, no dashboard) or an existing cluster (``--ray-address``). Each cell is a Ray task
 with bounded retries (``max_retries`` for a lost worker, ``retry_exceptions`` for an error); a training's object
 reference is an argument of the runs that need its checkpoint, so Ray orders them. A cell is idempotent: its job
 is named after its key (``run_name``), a finished job is never recomputed, an unfinished one (a killed worker, an
