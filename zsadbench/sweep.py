@@ -9,9 +9,9 @@ dataset (``trained_on``, the ZSAD protocol: VisA -> MVTec AD, MVTec AD -> everyt
 checkpoint depend on that training cell.
 
 Execution is Ray's (:func:`execute`): a local instance the sweep starts (one slot per GPU, else CPU slots that fit
-the cores and memory; node address 127.0.0.1, no dashboard) or an existing cluster (``--ray-address``). Each cell is a Ray task
-with bounded retries (``max_retries`` for a lost worker, ``retry_exceptions`` for an error); a training's object
-reference is an argument of the runs that need its checkpoint, so Ray orders them. A cell is idempotent: its job
+the cores and memory; node address 127.0.0.1, no dashboard) or an existing cluster (``--ray-address``). Each cell is
+a Ray task with bounded retries (``max_retries`` for a lost worker, ``retry_exceptions`` for an error); a training's
+object reference is an argument of the runs that need its checkpoint, so Ray orders them. A cell is idempotent: its job
 is named after its key (``run_name``), a finished job is never recomputed, an unfinished one (a killed worker, an
 interrupted sweep) is resumed in its own folder and MLflow run, so every cell has exactly one MLflow run.
 
@@ -1023,16 +1023,17 @@ def _run_on_ray(spec: SweepSpec, cells: list[Cell], grid: Grid, parent: ParentRu
     env = {"ZSADBENCH_RESULTS": str(results_dir()), "MLFLOW_TRACKING_URI": uri,
            "OMP_NUM_THREADS": str(slots.threads), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "MLFLOW_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
-    owned_ray = ray_address is None and not ray.is_initialized()
-    if owned_ray:
+    owned_ray = not ray.is_initialized()  # started (local) or joined (cluster) here: shut down / left at the end
+    if owned_ray and ray_address is None:
         ray.init(num_cpus=slots.workers, num_gpus=slots.gpus, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1", configure_logging=False, object_store_memory=OBJECT_STORE_BYTES)
-    elif not ray.is_initialized():
+    elif owned_ray:
         ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
     try:
         settings = {"sweep": spec.name, "sweep_folder": str(spec.folder), "parent_run": parent.run_id,
                     "threads": slots.threads, "env": env}
-        task = ray.remote(num_cpus=1, num_gpus=1 if slots.gpus else 0, max_retries=spec.retries,
+        on_gpu = any(c.spec.device.startswith("cuda") for c in cells)  # one GPU per job (a cluster's too)
+        task = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0, max_retries=spec.retries,
                           retry_exceptions=True)(execute_cell)
         refs: dict[str, Any] = {}
         by_key = {c.key: c for c in cells}
