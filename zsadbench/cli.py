@@ -626,7 +626,69 @@ def _add_cache(sub: argparse._SubParsersAction) -> Handler:
     return handle
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("sweep", help="run a grid of methods x datasets x checkpoints x shots x seeds on Ray",
+                       description="Expand a sweep (a TOML file or --preset) into its grid, train learned methods on "
+                                   "their auxiliary datasets first, run every cell as an idempotent job on a local "
+                                   "Ray instance or a cluster (--ray-address), and write the leaderboard. Finished "
+                                   "cells are never recomputed: run the same command again to resume.")
+    p.add_argument("spec", nargs="?", metavar="SPEC.toml", help="the sweep file (or use --preset)")
+    p.add_argument("--preset", help="a built-in sweep: tiny (synthetic benchmark, random weights, a minute or two), "
+                                    "zsad-industrial, zsad-medical, zsad (the ZSAD protocols; need --data-dir)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of the datasets ({data} in the spec's data roots)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="join an existing Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of starting a local one")
+    p.add_argument("--workers", type=_positive_int,
+                   help="jobs at once on the local Ray instance (default: one per GPU, else what cores and memory fit)")
+    p.add_argument("--memory-per-job", type=float, default=3.0, metavar="GB",
+                   help="memory one CPU job needs, for the default number of workers (default: 3)")
+    p.add_argument("--tracking-uri", help="MLflow tracking server for the workers (default: the sweep starts its own "
+                                          "on 127.0.0.1 over results/mlflow.db)")
+    p.add_argument("--retries", type=_non_negative_int, help="retries of a failed cell (default: the spec's, 2)")
+    p.add_argument("--dry-run", action="store_true", help="print the grid (and what is finished) and exit")
+    p.add_argument("--leaderboard", action="store_true",
+                   help="write the sweep's leaderboard from the runs recorded so far and exit (works while it runs)")
+    p.add_argument("--print-spec", action="store_true", help="print the preset's TOML (a starting point) and exit")
+
+    def handle(args: argparse.Namespace) -> int:
+        if bool(args.spec) == bool(args.preset):
+            raise UsageError("give a sweep file (SPEC.toml) or --preset NAME (one of them)")
+        from zsadbench import sweep
+
+        if args.preset and args.preset not in sweep.PRESETS:
+            raise UsageError(f"--preset {args.preset}: no such sweep preset ({', '.join(sweep.PRESETS)})")
+        if args.print_spec:
+            if not args.preset:
+                raise UsageError("--print-spec prints a preset: pass --preset NAME")
+            print(sweep.PRESETS[args.preset].strip())
+            return 0
+        spec = sweep.load_spec(args.spec or args.preset, data_dir=args.data_dir)
+        if args.retries is not None:
+            spec.retries = args.retries
+        if args.leaderboard:
+            path = sweep.refresh_leaderboard(spec, args.tracking_uri or sweep.default_store_uri())
+            print(f"wrote {path}")
+            return 0
+        if args.dry_run:
+            print(sweep.describe_grid(spec))
+            return 0
+        outcome = sweep.execute(spec, ray_address=args.ray_address, tracking_uri=args.tracking_uri,
+                                workers=args.workers, memory_per_job_gb=args.memory_per_job)
+        print(outcome.grid.markdown())
+        for label, error in outcome.failed:
+            print(f"failed: {label}: {error}")
+        print(f"sweep {spec.name}: {outcome.grid.summary()}")
+        print(f"runs in MLflow experiment {spec.experiment_name!r} (parent run {outcome.parent_run}); cells in "
+              f"{spec.folder}")
+        if outcome.leaderboard is not None:
+            print(f"leaderboard: {outcome.leaderboard}")
+        return 1 if outcome.failed else 0
+
+    return handle
+
+
 COMMANDS.append(_add_cache)
+COMMANDS.append(_add_sweep)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -94,9 +94,9 @@ def check_store(uri: str) -> None:
         if path.exists() and not os.access(path, os.W_OK):
             raise TrackingError(f"MLflow store {path} is read-only")
     elif scheme in ("http", "https"):
-        probe = uri.rstrip("/") + "/health"
+        probe, request = _health_request(uri)
         try:
-            with urllib.request.urlopen(probe, timeout=PROBE_TIMEOUT) as answer:  # noqa: S310 (a user-given URI)
+            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT) as answer:  # noqa: S310 (a user-given URI)
                 answer.read(64)
         except urllib.error.HTTPError as exc:  # it answered: a server that has no /health is still reachable
             log.debug("%s answered %s", redact(probe), exc.code)
@@ -105,6 +105,22 @@ def check_store(uri: str) -> None:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it, or "
                                 "leave --tracking-uri and MLFLOW_TRACKING_URI unset to use the embedded store under "
                                 f"{results_dir()}") from None
+
+
+def _health_request(uri: str) -> tuple[str, urllib.request.Request]:
+    """Returns the server's health URL and its request; credentials in the URI go to a Basic auth header (urllib
+    cannot open ``http://user:password@host``)."""
+    import base64
+
+    parts = urllib.parse.urlsplit(uri)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    probe = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(probe)
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    return probe, request
 
 
 def environment() -> dict[str, str]:
