@@ -21,6 +21,7 @@ Used by methods/vcpclip.py; Bayes-PFL's plugin can compose the same pieces.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Final
 
 import torch
 from torch import Tensor
@@ -28,8 +29,8 @@ from torch import Tensor
 from zsadbench.clip.backbone import ClipBackbone, load_clip
 from zsadbench.clip.text import tokenizer
 
-QU_ACTIVATION = "gelu"  # nn.GELU in both towers (the references' transformer.py)
-QU_POS_EMBED_MODE = "bicubic-antialias"  # the references' resize_pos_embed(interpolation="bicubic", antialias=True)
+QU_ACTIVATION: Final = "gelu"  # nn.GELU in both towers (the references' transformer.py)
+QU_POS_EMBED_MODE: Final = "bicubic-antialias"  # resize_pos_embed(interpolation="bicubic", antialias=True)
 CLASS_PLACEHOLDER = "<|class|>"  # the references' extra special token (id 49408)
 PLACEHOLDER_ID = 0  # the id zsadbench writes at the placeholder position (its embedding is replaced anyway)
 
@@ -46,9 +47,9 @@ def placeholder_tokens(model_name: str, templates: Sequence[str], context_length
     The ids are ``[SOT] + encode(before) + [placeholder] + encode(after) + [EOT]`` padded with zeros, as the
     reference's tokenizer writes them; the placeholder position holds :data:`PLACEHOLDER_ID`.
     """
-    bpe = tokenizer(model_name)
+    bpe: Any = tokenizer(model_name)  # open_clip's SimpleTokenizer (typed as a plain callable)
     encode = getattr(bpe, "encode", None)
-    if encode is None:
+    if encode is None or not hasattr(bpe, "eot_token_id"):
         raise NotImplementedError(f"{model_name}: the {CLASS_PLACEHOLDER} templates need open_clip's BPE tokenizer")
     sot, eot = bpe.sot_token_id, bpe.eot_token_id
     rows, positions = [], []
@@ -63,6 +64,12 @@ def placeholder_tokens(model_name: str, templates: Sequence[str], context_length
         rows.append(ids + [0] * (context_length - len(ids)))
         positions.append(len(head))
     return torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+
+
+def end_of_text_id(model_name: str) -> int:
+    """Returns the end-of-text token id of ``model_name``'s tokenizer."""
+    bpe: Any = tokenizer(model_name)
+    return int(bpe.eot_token_id)
 
 
 def end_of_text_positions(token_ids: Tensor, eot_id: int) -> Tensor:
