@@ -144,7 +144,7 @@ class VCPCLIP(LearnedPartsDetector):
     code_license = "MIT (per its README; no LICENSE file)"
     weights_license = "MIT (OpenAI CLIP); released VCP-CLIP weights: per the reference's README"
     Config = VCPCLIPConfig
-    learned_parts = "VCP parts"
+    learned_parts = "parts"  # the linear layers, pre-VCP, post-VCP and text embeddings
     reference_checkpoint_entries = (*REFERENCE_PARTS.values(), "prompt_embeddings", "deep_prompt_embeddings",
                                     "prompt_proj.weight", "prompt_proj.bias", "prompt_norm.weight",
                                     "prompt_norm.bias", "prompt_text_projection")
