@@ -141,7 +141,7 @@ class VCPCLIP(LearnedPartsDetector):
     label = "VCP-CLIP"
     paper = "arXiv:2407.12276"
     reference = "xiaozhen228/VCP-CLIP@4dd96ec"
-    code_license = "MIT (per its README; no LICENSE file)"
+    code_license = "MIT (README; no LICENSE file)"
     weights_license = "MIT (OpenAI CLIP); released VCP-CLIP weights: per the reference's README"
     Config = VCPCLIPConfig
     learned_parts = "parts"  # the linear layers, pre-VCP, post-VCP and text embeddings

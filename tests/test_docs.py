@@ -16,7 +16,8 @@ DOCS = REPO / "docs"
 # The reference implementations' code licenses, checked against their LICENSE files (THIRD_PARTY_NOTICES.md).
 CODE_LICENSES = {"winclip": "Apache-2.0", "anomalyclip": "MIT", "headclip": "none (no official code)", "musc": "MIT",
                  "adaptclip": "GPL-2.0", "adaclip": "MIT", "promptad": "The Unlicense",
-                 "aprilgan": "MIT", "anomalydino": "Apache-2.0", "anomalydino-batched": "Apache-2.0"}
+                 "aprilgan": "MIT", "anomalydino": "Apache-2.0", "anomalydino-batched": "Apache-2.0",
+                 "vcpclip": "MIT (README; no LICENSE file)"}
 
 
 def nav_pages(entries: Any) -> list[str]:
