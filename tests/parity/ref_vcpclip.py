@@ -109,21 +109,13 @@ def import_reference(root: Path) -> dict[str, types.ModuleType]:
     return modules
 
 
-def main() -> None:
-    """Builds the reference, records inference (and optionally one training step), saves the learned parts."""
-    parser = common.common_arguments(__doc__.split("\n")[0])
-    parser.add_argument("--image-size", type=int, default=518)
-    parser.add_argument("--train", action="store_true", help="also record one training step")
-    args = parser.parse_args()
-    common.setup_torch(args.threads)
-    root = Path(args.ref_root).resolve()
-    ref = import_reference(root)
+def build_reference(ref: dict[str, types.ModuleType], root: Path, weights: str, size: int,
+                    seed: int) -> types.SimpleNamespace:
+    """Returns the reference's CLIP (its Load_CLIP), linear layers, pre-VCP, post-VCP and prompt ensemble."""
     clip_module, train_module = ref["models.model_CLIP"], ref["train"]
-    size = args.image_size
-
-    torch.manual_seed(args.seed)
-    with state_dict_as_jit_archive(args.weights), working_directory(root):
-        model, _, preprocess = clip_module.Load_CLIP(size, args.weights, device="cpu", deep_prompt_len=DEEP_PROMPT_LEN,
+    torch.manual_seed(seed)
+    with state_dict_as_jit_archive(weights), working_directory(root):
+        model, _, preprocess = clip_module.Load_CLIP(size, weights, device="cpu", deep_prompt_len=DEEP_PROMPT_LEN,
                                                      total_d_layer_len=TOTAL_D_LAYER)
     config = {"embed_dim": model.text_projection.shape[1],
               "vision_cfg": {"width": model.visual.conv1.weight.shape[0]},
@@ -133,55 +125,94 @@ def main() -> None:
     post = ref["models.post_vcp"].Zero_Parameter(dim_v=config["vision_cfg"]["width"],
                                                  dim_t=config["text_cfg"]["width"],
                                                  dim_out=config["vision_cfg"]["width"])
-    generator = torch.Generator().manual_seed(args.seed + 17)
+    generator = torch.Generator().manual_seed(seed + 17)
     with torch.no_grad():  # non-default values where the defaults would hide a dropped piece (see the docstring)
         model.prompt_norm.weight.copy_(1 + 0.1 * torch.randn(model.prompt_norm.weight.shape, generator=generator))
         model.prompt_norm.bias.copy_(0.05 * torch.randn(model.prompt_norm.bias.shape, generator=generator))
         pre.prompt_temp.fill_(math.log(1 / 0.05))
         post.prompt_temp_l1.fill_(math.log(1 / 0.09))
-    model_prompts = {n: p for n, p in model.named_parameters() if "prompt" in n}  # train.py _freeze_stages
-    learned = {"trainable_linearlayer": linear.state_dict(), "New_Lan_Embed": pre.state_dict(),
-               "Zero_try": post.state_dict(), **{n: p.detach().clone() for n, p in model_prompts.items()}}
+    prompt = ref["models.prompt_ensemble"].Prompt_Ensemble(PROMPT_LEN, clip_module.tokenize)
+    return types.SimpleNamespace(model=model, linear=linear, pre=pre, post=post, prompt=prompt,
+                                 preprocess=preprocess, size=size)
+
+
+def learned_state(parts: types.SimpleNamespace) -> dict[str, Any]:
+    """Returns the learned parts in the authors' layout (train.py's ``save_dict``)."""
+    model_prompts = {n: p for n, p in parts.model.named_parameters() if "prompt" in n}  # train.py _freeze_stages
+    return {"trainable_linearlayer": parts.linear.state_dict(), "New_Lan_Embed": parts.pre.state_dict(),
+            "Zero_try": parts.post.state_dict(), **{n: p.detach().clone() for n, p in model_prompts.items()}}
+
+
+def reference_forward(parts: types.SimpleNamespace, batch: torch.Tensor) -> dict[str, Any]:
+    """Returns the reference's per-layer maps of a batch: test.py lines 160-205 (train.py 166-206 are the same)."""
+    model, linear, pre, post, prompt, size = (parts.model, parts.linear, parts.pre, parts.post, parts.prompt,
+                                              parts.size)
+    with cuda_string_stays_on_cpu():
+        with torch.no_grad():
+            image_features, patch_tokens = model.encode_image(batch, FEATURES)
+        class_token = pre.before_extract_feat(patch_tokens, image_features.clone(), use_global=True)
+        text_embeddings = prompt.forward_ensemble(model, class_token, "cpu")
+    text_embeddings = text_embeddings.permute(0, 2, 1)
+    maps_new, maps_raw = [], []
+    for layer in range(len(patch_tokens)):
+        dense_feature = patch_tokens[layer][:, 1:, :].clone()
+        dense_feature = dense_feature / dense_feature.norm(dim=-1, keepdim=True)
+        _, f_t_a = post(text_embeddings.permute(0, 2, 1), dense_feature)
+        anomaly_map_new = (post.prompt_temp_l1.exp() * dense_feature @ f_t_a.permute(0, 2, 1))
+        b, n, _ = anomaly_map_new.shape
+        h = int(np.sqrt(n))
+        anomaly_map_new = F.interpolate(anomaly_map_new.permute(0, 2, 1).view(b, 2, h, h), size=size,
+                                        mode="bilinear", align_corners=True)
+        maps_new.append(torch.softmax(anomaly_map_new, dim=1))
+    patch_tokens_linear = linear(patch_tokens)
+    for layer in range(len(patch_tokens_linear)):
+        dense_feature = patch_tokens_linear[layer].clone()
+        dense_feature = dense_feature / dense_feature.norm(dim=-1, keepdim=True)
+        anomaly_map_raw = (pre.prompt_temp.exp() * dense_feature @ text_embeddings)
+        b, n, _ = anomaly_map_raw.shape
+        h = int(np.sqrt(n))
+        anomaly_map_raw = F.interpolate(anomaly_map_raw.permute(0, 2, 1).view(b, 2, h, h), size=size,
+                                        mode="bilinear", align_corners=True)
+        maps_raw.append(torch.softmax(anomaly_map_raw, dim=1))
+    return {"global": image_features, "taps": patch_tokens, "class_token": class_token,
+            "text": text_embeddings.permute(0, 2, 1), "raw": maps_raw, "new": maps_new}
+
+
+def reference_scores(out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Returns (image scores, smoothed maps, raw map, new map): test.py's layer means and calcuate_metric's fusion."""
+    from scipy.ndimage import gaussian_filter
+
+    raw = np.mean([m[:, 1].numpy() for m in out["raw"]], axis=0)
+    new = np.mean([m[:, 1].numpy() for m in out["new"]], axis=0)
+    smoothed = gaussian_filter(ALPHA * raw + (1 - ALPHA) * new, sigma=SIGMA, axes=(1, 2))
+    top_raw = np.partition(raw.reshape(raw.shape[0], -1), kth=-TOP_K)[:, -TOP_K:]
+    top_new = np.partition(new.reshape(new.shape[0], -1), kth=-TOP_K)[:, -TOP_K:]
+    score = np.mean(top_raw, axis=1) + np.mean(top_new, axis=1)
+    return torch.from_numpy(score), torch.from_numpy(smoothed), raw, new
+
+
+def main() -> None:
+    """Builds the reference, records inference (and optionally one training step), saves the learned parts."""
+    parser = common.common_arguments(__doc__.split("\n")[0])
+    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--train", action="store_true", help="also record one training step")
+    args = parser.parse_args()
+    common.setup_torch(args.threads)
+    root = Path(args.ref_root).resolve()
+    ref = import_reference(root)
+    size = args.image_size
+    parts = build_reference(ref, root, args.weights, size, args.seed)
+    model, linear, pre, post = parts.model, parts.linear, parts.pre, parts.post
     stem = os.path.splitext(args.out)[0]
-    torch.save(learned, f"{stem}_vcpclip.pth")
+    torch.save(learned_state(parts), f"{stem}_vcpclip.pth")
 
     raw_images, masks, labels = common.query_images(args.images, args.seed)
-    images = common.transformed(preprocess, raw_images)
-    prompt = ref["models.prompt_ensemble"].Prompt_Ensemble(PROMPT_LEN, clip_module.tokenize)
+    images = common.transformed(parts.preprocess, raw_images)
     record: dict[str, Any] = {"images_uint8": [torch.from_numpy(a) for a in raw_images], "image": images,
                               "pos_embed": model.visual.positional_embedding.detach().clone()}
 
     def forward(batch: torch.Tensor) -> dict[str, Any]:
-        # test.py lines 160-205 (train.py 166-206 are the same statements, keeping both channels of the maps)
-        with cuda_string_stays_on_cpu():
-            with torch.no_grad():
-                image_features, patch_tokens = model.encode_image(batch, FEATURES)
-            class_token = pre.before_extract_feat(patch_tokens, image_features.clone(), use_global=True)
-            text_embeddings = prompt.forward_ensemble(model, class_token, "cpu")
-        text_embeddings = text_embeddings.permute(0, 2, 1)
-        maps_new, maps_raw = [], []
-        for layer in range(len(patch_tokens)):
-            dense_feature = patch_tokens[layer][:, 1:, :].clone()
-            dense_feature = dense_feature / dense_feature.norm(dim=-1, keepdim=True)
-            _, f_t_a = post(text_embeddings.permute(0, 2, 1), dense_feature)
-            anomaly_map_new = (post.prompt_temp_l1.exp() * dense_feature @ f_t_a.permute(0, 2, 1))
-            b, n, _ = anomaly_map_new.shape
-            h = int(np.sqrt(n))
-            anomaly_map_new = F.interpolate(anomaly_map_new.permute(0, 2, 1).view(b, 2, h, h), size=size,
-                                            mode="bilinear", align_corners=True)
-            maps_new.append(torch.softmax(anomaly_map_new, dim=1))
-        patch_tokens_linear = linear(patch_tokens)
-        for layer in range(len(patch_tokens_linear)):
-            dense_feature = patch_tokens_linear[layer].clone()
-            dense_feature = dense_feature / dense_feature.norm(dim=-1, keepdim=True)
-            anomaly_map_raw = (pre.prompt_temp.exp() * dense_feature @ text_embeddings)
-            b, n, _ = anomaly_map_raw.shape
-            h = int(np.sqrt(n))
-            anomaly_map_raw = F.interpolate(anomaly_map_raw.permute(0, 2, 1).view(b, 2, h, h), size=size,
-                                            mode="bilinear", align_corners=True)
-            maps_raw.append(torch.softmax(anomaly_map_raw, dim=1))
-        return {"global": image_features, "taps": patch_tokens, "class_token": class_token,
-                "text": text_embeddings.permute(0, 2, 1), "raw": maps_raw, "new": maps_new}
+        return reference_forward(parts, batch)
 
     started = time.perf_counter()
     model.eval(), linear.eval(), pre.eval(), post.eval()  # test.py
@@ -192,21 +223,14 @@ def main() -> None:
     record["taps"] = torch.stack(out["taps"], 1)
     record["class_token"] = out["class_token"]
     record["text_features"] = out["text"]
-    # test.py: per layer the abnormal channel as numpy, np.mean over the layers; calcuate_metric: fusion, Gaussian
-    raw = np.mean([m[:, 1].numpy() for m in out["raw"]], axis=0)
-    new = np.mean([m[:, 1].numpy() for m in out["new"]], axis=0)
-    from scipy.ndimage import gaussian_filter
-
+    score, smoothed, raw, new = reference_scores(out)
     record["map_raw"], record["map_new"] = torch.from_numpy(raw), torch.from_numpy(new)
-    record["map"] = torch.from_numpy(gaussian_filter(ALPHA * raw + (1 - ALPHA) * new, sigma=SIGMA, axes=(1, 2)))
-    top_raw = np.partition(raw.reshape(raw.shape[0], -1), kth=-TOP_K)[:, -TOP_K:]
-    top_new = np.partition(new.reshape(new.shape[0], -1), kth=-TOP_K)[:, -TOP_K:]
-    record["score"] = torch.from_numpy(np.mean(top_raw, axis=1) + np.mean(top_new, axis=1))
+    record["map"], record["score"] = smoothed, score
 
     if args.train:
         model.train(), linear.train(), pre.train(), post.train()  # train.py (the CLIP is never put in eval mode)
         model.prompt_dropout.p = 0.0  # see the docstring
-        model_optim = train_module._freeze_stages(model, "prompt")
+        model_optim = ref["train"]._freeze_stages(model, "prompt")
         group_pre = [m for n, m in pre.named_parameters() if n != "prompt_temp"]
         group1 = [m for n, m in post.named_parameters() if n not in ["prompt_temp_l1"]]
         group2 = [post.prompt_temp_l1]
