@@ -134,7 +134,7 @@ def test_prompt_guided_attention_written_out() -> None:
     assert torch.allclose(attention(text, patches), expected, atol=1e-6)
 
 
-# ---- the method --------------------------------------------------------------------------------------------------------
+# ---- the method ------------------------------------------------------------------------------------------------------
 
 def test_prediction_is_the_reference_aggregation(weights: str) -> None:
     detector = tiny(pretrained=weights)
