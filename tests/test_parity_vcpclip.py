@@ -59,7 +59,7 @@ def detector(recording: dict, **overrides: object) -> VCPCLIP:
     """Returns zsadbench's VCP-CLIP on the recording's weights, learned parts and image size."""
     learned = Path(REF).with_name(Path(REF).stem + "_vcpclip.pth")
     return VCPCLIP(model=MODEL, pretrained=WEIGHTS, checkpoint=str(learned), image_size=recording["image"].shape[-1],
-                   **overrides)
+                   feature_layers=tuple(recording.get("features", (6, 12, 18, 24))), **overrides)
 
 
 def images_of(model: VCPCLIP, recording: dict) -> torch.Tensor:

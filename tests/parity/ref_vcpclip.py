@@ -47,7 +47,7 @@ import common  # noqa: E402
 
 FILES = ("models/model_CLIP.py", "models/transformer.py", "models/pre_vcp.py", "models/post_vcp.py",
          "models/prompt_ensemble.py", "models/simple_tokenizer.py", "utils/loss.py", "train.py", "test.py")
-FEATURES = [6, 12, 18, 24]
+FEATURES = [6, 12, 18, 24]  # --features_list of train.sh / test.sh (ViT-L); 3 6 9 12 for a 12-block tower
 PROMPT_LEN, DEEP_PROMPT_LEN, TOTAL_D_LAYER = 2, 1, 11  # train.sh / test.sh
 ALPHA, SIGMA, TOP_K = 0.2, 8, 2000  # test.py calcuate_metric
 
@@ -109,8 +109,8 @@ def import_reference(root: Path) -> dict[str, types.ModuleType]:
     return modules
 
 
-def build_reference(ref: dict[str, types.ModuleType], root: Path, weights: str, size: int,
-                    seed: int) -> types.SimpleNamespace:
+def build_reference(ref: dict[str, types.ModuleType], root: Path, weights: str, size: int, seed: int,
+                    features: list[int] = FEATURES) -> types.SimpleNamespace:
     """Returns the reference's CLIP (its Load_CLIP), linear layers, pre-VCP, post-VCP and prompt ensemble."""
     clip_module, train_module = ref["models.model_CLIP"], ref["train"]
     torch.manual_seed(seed)
@@ -120,7 +120,7 @@ def build_reference(ref: dict[str, types.ModuleType], root: Path, weights: str, 
     config = {"embed_dim": model.text_projection.shape[1],
               "vision_cfg": {"width": model.visual.conv1.weight.shape[0]},
               "text_cfg": {"width": model.ln_final.weight.shape[0]}}  # the fields the reference reads from its json
-    linear = train_module.LinearLayer(config["vision_cfg"]["width"], config["embed_dim"], len(FEATURES), "ViT")
+    linear = train_module.LinearLayer(config["vision_cfg"]["width"], config["embed_dim"], len(features), "ViT")
     pre = ref["models.pre_vcp"].Context_Prompting(config, cla_len=PROMPT_LEN)
     post = ref["models.post_vcp"].Zero_Parameter(dim_v=config["vision_cfg"]["width"],
                                                  dim_t=config["text_cfg"]["width"],
@@ -133,7 +133,7 @@ def build_reference(ref: dict[str, types.ModuleType], root: Path, weights: str, 
         post.prompt_temp_l1.fill_(math.log(1 / 0.09))
     prompt = ref["models.prompt_ensemble"].Prompt_Ensemble(PROMPT_LEN, clip_module.tokenize)
     return types.SimpleNamespace(model=model, linear=linear, pre=pre, post=post, prompt=prompt,
-                                 preprocess=preprocess, size=size)
+                                 preprocess=preprocess, size=size, features=list(features))
 
 
 def learned_state(parts: types.SimpleNamespace) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def reference_forward(parts: types.SimpleNamespace, batch: torch.Tensor) -> dict
                                               parts.size)
     with cuda_string_stays_on_cpu():
         with torch.no_grad():
-            image_features, patch_tokens = model.encode_image(batch, FEATURES)
+            image_features, patch_tokens = model.encode_image(batch, parts.features)
         class_token = pre.before_extract_feat(patch_tokens, image_features.clone(), use_global=True)
         text_embeddings = prompt.forward_ensemble(model, class_token, "cpu")
     text_embeddings = text_embeddings.permute(0, 2, 1)
@@ -196,12 +196,13 @@ def main() -> None:
     parser = common.common_arguments(__doc__.split("\n")[0])
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--train", action="store_true", help="also record one training step")
+    parser.add_argument("--features", type=int, nargs="+", default=FEATURES, help="tapped vision blocks")
     args = parser.parse_args()
     common.setup_torch(args.threads)
     root = Path(args.ref_root).resolve()
     ref = import_reference(root)
     size = args.image_size
-    parts = build_reference(ref, root, args.weights, size, args.seed)
+    parts = build_reference(ref, root, args.weights, size, args.seed, args.features)
     model, linear, pre, post = parts.model, parts.linear, parts.pre, parts.post
     stem = os.path.splitext(args.out)[0]
     torch.save(learned_state(parts), f"{stem}_vcpclip.pth")
@@ -209,6 +210,7 @@ def main() -> None:
     raw_images, masks, labels = common.query_images(args.images, args.seed)
     images = common.transformed(parts.preprocess, raw_images)
     record: dict[str, Any] = {"images_uint8": [torch.from_numpy(a) for a in raw_images], "image": images,
+                              "features": list(args.features),
                               "pos_embed": model.visual.positional_embedding.detach().clone()}
 
     def forward(batch: torch.Tensor) -> dict[str, Any]:
