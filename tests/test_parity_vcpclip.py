@@ -137,12 +137,23 @@ def test_vcpclip_training_step_matches_the_reference(recording: dict) -> None:
     figures = {"loss": abs(losses["loss"].item() - ref["train_loss"].item()),
                "loss_raw": abs(losses["loss_raw"].item() - ref["train_loss_raw"].item()),
                "loss_new": abs(losses["loss_new"].item() - ref["train_loss_new"].item())}
-    grads = {k: relative(named[k].grad, ref["train_grads"][k]) for k in with_grad}
+    # some gradients are analytically zero and only float noise on both sides: the k bias of post-VCP (softmax over
+    # the keys ignores a shift shared by all keys) and the Conv1d bias of pre-VCP (a constant added to every
+    # channel of a token is removed by each LayerNorm and never reaches the end-of-text token); they are compared
+    # in absolute terms against the largest gradient, the others relatively
+    sizes = {k: ref["train_grads"][k].abs().max().item() for k in with_grad}
+    scale = max(sizes.values())
+    significant = {k for k in with_grad if sizes[k] > 1e-5 * scale}
+    grads = {k: relative(named[k].grad, ref["train_grads"][k]) for k in significant}
     figures["grad_max_rel"] = max(grads.values())
     figures["grad_max_abs"] = max(max_abs(named[k].grad, ref["train_grads"][k]) for k in with_grad)
+    figures["grad_largest"] = scale
     figures["params_after_max_abs"] = max(max_abs(p.detach(), ref["train_params_after"][k]) for k, p in named.items())
     print("\nvcpclip training-step parity " + json.dumps(figures))
     print("worst gradients " + json.dumps(sorted(grads.items(), key=lambda kv: -kv[1])[:3]))
+    print("noise-level gradients (max |g| in the reference, max abs difference) " + json.dumps(
+        {k: (sizes[k], max_abs(named[k].grad, ref["train_grads"][k])) for k in sorted(with_grad - significant)}))
     assert figures["loss"] < 1e-4 and figures["loss_raw"] < 1e-4 and figures["loss_new"] < 1e-4
     assert figures["grad_max_rel"] < 1e-3, sorted(grads.items(), key=lambda kv: -kv[1])[:3]
+    assert figures["grad_max_abs"] < 1e-4 * scale
     assert figures["params_after_max_abs"] < 1e-4
