@@ -10,5 +10,6 @@ from zsadbench.methods import (
     headclip,  # noqa: E402,F401  (registers "headclip")
     musc,  # noqa: E402,F401  (registers "musc")
     promptad,  # noqa: E402,F401  (registers "promptad")
+    vcpclip,  # noqa: E402,F401  (registers "vcpclip")
     winclip,  # noqa: E402,F401  (registers "winclip")
 )

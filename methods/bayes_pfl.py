@@ -235,7 +235,7 @@ class BayesPFL(LearnedPartsDetector):
     label = "Bayes-PFL"
     paper = "arXiv:2503.10080"
     reference = "xiaozhen228/Bayes-PFL@8f155a0"
-    code_license = "MIT"
+    code_license = "MIT (README; no LICENSE file)"
     weights_license = "MIT (OpenAI CLIP); released Bayes-PFL weights: per the reference's README (MIT)"
     Config = BayesPFLConfig
     learned_parts = "prompt flows"

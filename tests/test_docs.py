@@ -17,7 +17,7 @@ DOCS = REPO / "docs"
 CODE_LICENSES = {"winclip": "Apache-2.0", "anomalyclip": "MIT", "headclip": "none (no official code)", "musc": "MIT",
                  "adaptclip": "GPL-2.0", "adaclip": "MIT", "promptad": "The Unlicense",
                  "aprilgan": "MIT", "anomalydino": "Apache-2.0", "anomalydino-batched": "Apache-2.0",
-                 "bayes_pfl": "MIT"}
+                 "bayes_pfl": "MIT (README; no LICENSE file)", "vcpclip": "MIT (README; no LICENSE file)"}
 
 
 def nav_pages(entries: Any) -> list[str]:
