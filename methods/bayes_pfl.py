@@ -63,7 +63,6 @@ Deliberate deviations from the reference:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsadbench.checkpoints import check_keys
-from zsadbench.clip.backbone import ClipBackbone, load_clip
 from zsadbench.clip.cross_modal_attention import ResidualCrossModalAttention
 from zsadbench.clip.learned_parts import LearnedPartsDetector
 from zsadbench.clip.prompt_flows import (
@@ -257,15 +255,6 @@ class BayesPFL(LearnedPartsDetector):
         if min(cfg.sample_num, cfg.prompt_num, cfg.num_flows, cfg.topk, cfg.topk_small) < 1:
             raise ValueError("bayes_pfl: sample_num, prompt_num, num_flows, topk and topk_small must be >= 1")
         self.transductive = cfg.image_score == "fusion"  # type: ignore[misc]
-
-    def load_backbone(self, seed: int) -> ClipBackbone:
-        """Returns the frozen CLIP with the reference's exact GELU (OpenAI weights were trained with QuickGELU)."""
-        cfg: BayesPFLConfig = self.config
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="ACTIVATION MISMATCH")  # GELU with OpenAI weights is intended
-            return load_clip(cfg.model, cfg.pretrained, image_size=cfg.image_size,
-                             pos_embed_mode=cfg.pos_embed_mode,  # type: ignore[arg-type]
-                             activation=cfg.activation, seed=seed)  # type: ignore[arg-type]
 
     # ---- learned parts -----------------------------------------------------------------------------------------------
     def build_learnable_parts(self) -> None:

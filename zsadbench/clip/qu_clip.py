@@ -15,7 +15,7 @@ Both references carry the same modified copy of OpenAI's CLIP code (``models/mod
   tokenise as with the stock tokenizer) and :func:`splice_context` replaces the placeholder row by ``r`` vectors,
   shifting the rest of the sequence right and dropping its last ``r - 1`` rows (VCP-CLIP's ``encode_text``).
 
-Used by methods/vcpclip.py; Bayes-PFL's plugin can compose the same pieces.
+Used by methods/vcpclip.py (whose config defaults are QU_ACTIVATION and QU_POS_EMBED_MODE).
 """
 
 from __future__ import annotations
@@ -26,19 +26,12 @@ from typing import Any, Final
 import torch
 from torch import Tensor
 
-from zsadbench.clip.backbone import ClipBackbone, load_clip
 from zsadbench.clip.text import tokenizer
 
 QU_ACTIVATION: Final = "gelu"  # nn.GELU in both towers (the references' transformer.py)
 QU_POS_EMBED_MODE: Final = "bicubic-antialias"  # resize_pos_embed(interpolation="bicubic", antialias=True)
 CLASS_PLACEHOLDER = "<|class|>"  # the references' extra special token (id 49408)
 PLACEHOLDER_ID = 0  # the id zsadbench writes at the placeholder position (its embedding is replaced anyway)
-
-
-def load_qu_clip(model: str, pretrained: str, image_size: int, seed: int = 0) -> ClipBackbone:
-    """Returns the frozen CLIP as Qu et al.'s references build it: exact GELU, antialiased bicubic position resize."""
-    return load_clip(model, pretrained, image_size=image_size, pos_embed_mode=QU_POS_EMBED_MODE,
-                     activation=QU_ACTIVATION, seed=seed)
 
 
 def placeholder_tokens(model_name: str, templates: Sequence[str], context_length: int = 77) -> tuple[Tensor, Tensor]:
