@@ -8,6 +8,9 @@ tensors. Set the reference checkout and, if the reference needs another environm
     ZSADBENCH_PARITY_PROMPTAD=/path/to/PromptAD ZSADBENCH_PARITY_PROMPTAD_PYTHON=/path/to/venv/bin/python \\
         nox -s parity -- -k promptad          # ZSADBENCH_PARITY_PROMPTAD_EPOCHS (default 3), a few minutes on CPU
 
+``ZSADBENCH_PARITY_PROMPTAD_SHOTS`` (default 1) and ``ZSADBENCH_PARITY_PROMPTAD_IMAGES`` (test images, default 2,
+the second one anomalous) size the check.
+
 Compared (max abs difference, printed as JSON): the preprocessed images (equal), the four image features, the learned
 contexts and text classifiers of both prompt sets after the fit, the visual and textual grids, the 400 px maps and
 the image scores.
@@ -40,7 +43,8 @@ from zsadbench.methods.promptad import PromptAD  # noqa: E402
 from zsadbench.clip.testing import clip_like_state_dict, save_state_dict, synthetic_images  # noqa: E402
 
 CATEGORY = "metal_nut"  # class word "metal nut", a category-specific state with a trailing space
-SHOTS = 2
+SHOTS = int(os.environ.get("ZSADBENCH_PARITY_PROMPTAD_SHOTS", "1"))
+TEST_IMAGES = int(os.environ.get("ZSADBENCH_PARITY_PROMPTAD_IMAGES", "2"))  # >= 2: both classes for its AUROCs
 TOLERANCE = 1e-4
 
 
@@ -48,9 +52,9 @@ def test_promptad_matches_the_reference(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     weights = save_state_dict(clip_like_state_dict("ViT-B-16-plus-240", seed=0), tmp_path / "clip.pt")
     detector = PromptAD(pretrained=str(weights), shots=SHOTS, **{"fit.epochs": EPOCHS, "fit.progress": False})
-    pictures = synthetic_images(SHOTS + 3, seed=3, anomalous=(SHOTS + 1,))
+    pictures = synthetic_images(SHOTS + TEST_IMAGES, seed=3, anomalous=(SHOTS + 1,))
     arrays = torch.from_numpy(np.stack([np.asarray(p) for p in pictures]))
-    labels = [0] * SHOTS + [0, 1, 0]
+    labels = [0] * SHOTS + [int(i == 1) for i in range(TEST_IMAGES)]
     masks = torch.zeros(len(pictures), *arrays.shape[1:3], dtype=torch.uint8)
     masks[SHOTS + 1, 100:140, 120:170] = 255  # the reference's per-epoch pixel AUROC needs both classes
     initial = {}
@@ -102,5 +106,5 @@ def test_promptad_matches_the_reference(tmp_path: Path) -> None:
     prediction = detector.predict_at(images, CATEGORY, 400)
     diff("maps_400", prediction.anomaly_maps, ref["maps"])
     diff("image_scores", prediction.image_scores, ref["image_scores"])
-    print(json.dumps({"epochs": EPOCHS, "shots": SHOTS, **figures}, indent=1))
+    print(json.dumps({"epochs": EPOCHS, "shots": SHOTS, "test_images": TEST_IMAGES, **figures}, indent=1))
     assert max(figures.values()) <= TOLERANCE, figures

@@ -15,7 +15,9 @@ computation compared:
 
 - fp32: the reference hard-codes fp16 (``self.precision = 'fp16'``); the model is built in fp32, ``precision`` set to
   'fp32' and its fp16 buffers cast back; ``logit_scalef`` (a typo on the reference's fp32 path) aliases
-  ``logit_scale``.
+  ``logit_scale``. Its ``PromptLearner`` receives that forced 'fp16' as ``pre`` (fp16 contexts, fp16 token-embedding
+  buffers, fp16 SGD updates: 3e-5 steps at the contexts' size); the driver passes 'fp32' instead, the learner's own
+  fp32 branch.
 - The shots are handed to ``fit`` in BGR order (it converts them to RGB); the test images are handed in RGB, so both
   sides see the same pixels (the reference's test loop feeds cv2's BGR arrays unconverted).
 - After ``fit`` the model holds the prompts of the last epoch (its best-epoch checkpoint file is not reloaded).
@@ -60,7 +62,16 @@ def build_model(promptad_model, clipad, state: dict, category: str, shots: int, 
         model.load_state_dict(state, strict=True)
         return model, train_tf, val_tf
 
+    learner = promptad_model.PromptLearner
+
+    class PromptLearnerFP32(learner):  # type: ignore[misc, valid-type] - the reference's class, its own fp32 branch
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            args = (*args[:-1], "fp32") if len(args) == 7 else args  # PromptAD passes its forced 'fp16' as ``pre``
+            kwargs = kwargs | ({"pre": "fp32"} if "pre" in kwargs else {})
+            super().__init__(*args, **kwargs)
+
     clipad.create_model_and_transforms = create_fp32
+    promptad_model.PromptLearner = PromptLearnerFP32
     try:
         model = promptad_model.PromptAD(out_size_h=400, out_size_w=400, device="cpu", backbone="ViT-B-16-plus-240",
                                         pretrained_dataset="laion400m_e32", n_ctx=4, n_pro=n_pro, n_ctx_ab=1,
@@ -68,6 +79,8 @@ def build_model(promptad_model, clipad, state: dict, category: str, shots: int, 
                                         img_resize=240, img_cropsize=240)
     finally:
         clipad.create_model_and_transforms = original
+        promptad_model.PromptLearner = learner
+    assert model.prompt_learner.normal_ctx.dtype == torch.float32, "the prompt learner must be fp32"
     model.precision = "fp32"
     model.feature_gallery1 = model.feature_gallery1.float()
     model.feature_gallery2 = model.feature_gallery2.float()
