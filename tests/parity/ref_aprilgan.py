@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 MODEL = "ViT-L-14-336"
-IMAGE_SIZE = 518
+IMAGE_SIZE = 518  # test_zero_shot.sh / train.sh (--image-size changes it for a quicker check)
 LAYERS = [6, 12, 18, 24]
 CATEGORY = "metal_nut"  # an underscore in the class word, as in MVTec AD
 
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> None:
     if not open_clip.__file__.startswith(str(Path(args.ref_root).resolve())):
         raise SystemExit(f"imported {open_clip.__file__}, not the reference's open_clip under {args.ref_root}")
     started = time.time()
+    size = args.image_size
     weights = str(Path(args.weights).resolve())
     original_loader = open_clip.factory.load_openai_model
     open_clip.factory.load_openai_model = lambda name, **kw: original_loader(weights, **kw)
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
     np.random.seed(args.seed)
     random.seed(args.seed)
     device = "cpu"
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, IMAGE_SIZE, pretrained="openai")
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, size, pretrained="openai")
     model.to(device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(MODEL)
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     adapters_path = Path(args.out).with_name(Path(args.out).stem + "_adapters.pth")
     torch.save({"trainable_linearlayer": linearlayer.state_dict()}, adapters_path)
     linearlayer.load_state_dict(torch.load(adapters_path)["trainable_linearlayer"])
-    transform = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.CenterCrop(IMAGE_SIZE),
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.CenterCrop(size),
                                     transforms.ToTensor()])
 
     raw = synthetic_images(args.images + args.normals, args.seed)
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
                     B, L, C = anomaly_map.shape
                     H = int(np.sqrt(L))
                     anomaly_map = F.interpolate(anomaly_map.permute(0, 2, 1).view(B, 2, H, H),
-                                                size=IMAGE_SIZE, mode="bilinear", align_corners=True)
+                                                size=size, mode="bilinear", align_corners=True)
                     anomaly_map = torch.softmax(anomaly_map, dim=1)[:, 1, :, :]
                     anomaly_maps.append(anomaly_map.cpu().numpy())
                 anomaly_map = np.sum(anomaly_maps, axis=0)
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> None:
                     height = int(np.sqrt(cos.shape[1]))
                     anomaly_map_few_shot = np.min((1 - cos), 0).reshape(1, 1, height, height)
                     anomaly_map_few_shot = F.interpolate(torch.tensor(anomaly_map_few_shot),
-                                                         size=IMAGE_SIZE, mode="bilinear", align_corners=True)
+                                                         size=size, mode="bilinear", align_corners=True)
                     anomaly_maps_few_shot.append(anomaly_map_few_shot[0].cpu().numpy())
                 anomaly_map_few_shot = np.sum(anomaly_maps_few_shot, axis=0)
                 out["fs_layer_maps"].append(torch.from_numpy(np.concatenate(anomaly_maps_few_shot)))
@@ -253,9 +254,10 @@ def run(args: argparse.Namespace) -> None:
         })
 
         # one step of train.py's loop on the first two images (batch 2), masks given at 518 px
-        masks = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
-        masks[1, 0, 150:300, 200:380] = 1.0
-        masks[0, 0, 400:470, 30:90] = 1.0
+        masks = torch.zeros(2, 1, size, size)
+        at = [round(v * size / IMAGE_SIZE) for v in (150, 300, 200, 380, 400, 470, 30, 90)]  # 518 px boxes, scaled
+        masks[1, 0, at[0]:at[1], at[2]:at[3]] = 1.0
+        masks[0, 0, at[4]:at[5], at[6]:at[7]] = 1.0
         optimizer = torch.optim.Adam(list(linearlayer.parameters()), lr=1e-3, betas=(0.5, 0.999))
         loss_focal, loss_dice = FocalLoss(), BinaryDiceLoss()
         train_image = image[:2].to(device)
@@ -272,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
                 B, L, C = anomaly_map.shape
                 H = int(np.sqrt(L))
                 anomaly_map = F.interpolate(anomaly_map.permute(0, 2, 1).view(B, 2, H, H),
-                                            size=IMAGE_SIZE, mode="bilinear", align_corners=True)
+                                            size=size, mode="bilinear", align_corners=True)
                 anomaly_maps.append(torch.softmax(anomaly_map, dim=1))
         gt = masks.squeeze().to(device)
         gt[gt > 0.5], gt[gt <= 0.5] = 1, 0
@@ -310,6 +312,8 @@ def main() -> None:
     run_parser.add_argument("--images", type=int, default=3, help="test images (>= 3: the min-max has an inside)")
     run_parser.add_argument("--normals", type=int, default=3, help="normal train images the shots are drawn from")
     run_parser.add_argument("--shots", type=int, default=1)
+    run_parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                            help="the reference's scripts' 518 px by default; a smaller size for busy CPUs")
     run_parser.add_argument("--seed", type=int, default=42)
     run_parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     args = parser.parse_args()
