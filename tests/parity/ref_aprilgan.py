@@ -22,8 +22,11 @@ random weights saved in the authors' layout (``<OUT>_adapters.pth``), ``encode_t
 image-score normalisation of its metric section, and one step of train.py's loop (focal + Dice per layer, Adam
 lr 1e-3, betas (0.5, 0.999)) on the first two images with synthetic masks.
 
-Two shims, both outside the computation: Pillow >= 11 rejects the reference's ``Image.fromarray(float zeros,
-mode='L')`` (the empty mask of a normal image; cast to uint8 for the call), and the reference's
+Three shims, all outside the computation: train.py normalises the adapted tokens in place (``x /= x.norm(...)``),
+which autograd rejects in fp32 (under the CUDA autocast the reference trains with, ``norm`` runs on an fp32 cast copy),
+so during the training step ``Tensor.norm`` runs on a copy of its input (same values, same gradients); Pillow >= 11
+rejects the reference's ``Image.fromarray(float zeros, mode='L')`` (the empty mask of a normal image; cast to uint8
+for the call), and the reference's
 ``VisionTransformer.forward`` builds an attention summary it never uses with ``.to('cuda')`` (mapped to the CPU on a
 machine without CUDA).
 """
@@ -114,6 +117,14 @@ def cuda_to_cpu() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.to = original  # type: ignore[method-assign]
+
+
+def norm_of_a_copy():  # noqa: ANN201
+    """The AdaCLIP driver's shim: ``Tensor.norm`` saves a copy, so train.py's in-place ``/=`` is legal in fp32."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ref_adaclip import norm_of_a_copy as shim  # type: ignore[import-not-found]
+
+    return shim()
 
 
 def write_folder(root: Path, normals: np.ndarray) -> None:
@@ -262,7 +273,7 @@ def run(args: argparse.Namespace) -> None:
         loss_focal, loss_dice = FocalLoss(), BinaryDiceLoss()
         train_image = image[:2].to(device)
         cls_name = [CATEGORY, CATEGORY]
-        with torch.cuda.amp.autocast():
+        with torch.cuda.amp.autocast(), norm_of_a_copy():
             with torch.no_grad():
                 image_features, patch_tokens = model.encode_image(train_image, LAYERS)
                 text_features = torch.stack([text_prompts[cls] for cls in cls_name], dim=0)
@@ -286,7 +297,8 @@ def run(args: argparse.Namespace) -> None:
             loss += focal_terms[-1]
             loss += dice_terms[-1]
         optimizer.zero_grad()
-        loss.backward()
+        with norm_of_a_copy():
+            loss.backward()
         grads = {k: p.grad.detach().clone() for k, p in linearlayer.named_parameters()}
         optimizer.step()
         record["train"] = {"masks": masks[:, 0].clone(), "loss": loss.detach(),
