@@ -66,7 +66,7 @@ def test_aprilgan_matches_the_reference() -> None:
     diff("pos_embed", detector.clip.visual.positional_embedding, ref["pos_embed"])
     with torch.no_grad():
         diff("text_features", detector.text_features(category), ref["text_features"].T)
-        image_features, patch_tokens = detector.encode_images(images, detector.config.feature_layers)
+        image_features, patch_tokens = detector.encode_tokens(images, detector.config.feature_layers)
         diff("image_features", torch.nn.functional.normalize(image_features, dim=-1), ref["image_features"])
         diff("patch_tokens_rel", torch.stack([t[0] for t in patch_tokens]), ref["patch_tokens_first"][:, 1:], rel=True)
         layer_maps = torch.stack([p[:, 1] for p in detector.layer_probabilities(patch_tokens,
