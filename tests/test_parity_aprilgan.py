@@ -1,7 +1,8 @@
 """Parity of zsadbench's APRIL-GAN with ByChelsea/VAND-APRIL-GAN on identical weights, adapters and images (optional).
 
 The reference runs outside the project: ``tests/parity/ref_aprilgan.py`` imports it from a checkout, replays its
-test.py (zero-shot and 1-shot on three 518 px images of one category) and one step of its train.py on a random
+test.py (zero-shot and 1-shot on three 518 px images of one category; ``--images`` and ``--image-size`` change them)
+and one step of its train.py on a random
 full-size ViT-L-14-336 state dict, with seeded random linear adapters saved in the authors' layout
 (``<OUT>_adapters.pth``, the layout of mvtec_pretrained.pth). This test loads that file through ``--checkpoint``'s
 loader, feeds the same raw images and normal images and compares (a few minutes on CPU)::
@@ -51,7 +52,9 @@ def test_aprilgan_matches_the_reference() -> None:
     ref = torch.load(REF, weights_only=True)
     adapters = Path(REF).with_name(Path(REF).stem + "_adapters.pth")
     category = ref["category"]
-    detector = AprilGAN(pretrained=WEIGHTS, checkpoint=str(adapters), shots=len(ref["memory_indices"]))
+    size = ref["image"].shape[-1]  # 518 unless the recording was made with --image-size
+    detector = AprilGAN(pretrained=WEIGHTS, checkpoint=str(adapters), shots=len(ref["memory_indices"]),
+                        image_size=size)
     figures: dict[str, float] = {}
 
     def diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, rel: bool = False) -> None:
@@ -63,7 +66,7 @@ def test_aprilgan_matches_the_reference() -> None:
     diff("pos_embed", detector.clip.visual.positional_embedding, ref["pos_embed"])
     with torch.no_grad():
         diff("text_features", detector.text_features(category), ref["text_features"].T)
-        image_features, patch_tokens = detector.encode_images(images, detector.config.feature_layers)
+        image_features, patch_tokens = detector.encode_tokens(images, detector.config.feature_layers)
         diff("image_features", torch.nn.functional.normalize(image_features, dim=-1), ref["image_features"])
         diff("patch_tokens_rel", torch.stack([t[0] for t in patch_tokens]), ref["patch_tokens_first"][:, 1:], rel=True)
         layer_maps = torch.stack([p[:, 1] for p in detector.layer_probabilities(patch_tokens,
@@ -85,7 +88,7 @@ def test_aprilgan_matches_the_reference() -> None:
         diff("fs_score", few_shot.image_scores, ref["fs_score"])
 
     train = ref["train"]
-    trained = AprilGAN(pretrained=WEIGHTS, checkpoint=str(adapters))
+    trained = AprilGAN(pretrained=WEIGHTS, checkpoint=str(adapters), image_size=size)
     trained.set_train_mode(True)
     optimizer = trained.make_optimizer()
     samples = [Sample(Path(f"{i}.png"), category, 1, None, "parity", "parity") for i in range(2)]

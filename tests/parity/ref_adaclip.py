@@ -26,18 +26,24 @@ What it does, with the reference's own code for every step:
 - with ``--train``: one ``AdaCLIP_Trainer.train_one_batch`` on the first image with a rectangular defect mask (its
   AdamW, lr 0.01), recording the loss, every learned parameter's gradient and its value after the step. The frozen
   CLIP gets ``requires_grad=False`` (the reference leaves it on but never updates it: the learned parts' gradients
-  are the same, the backward is cheaper).
+  are the same, the backward is cheaper). One shim, outside the computation: the reference normalises in place
+  (``x /= x.norm(...)``), which autograd rejects in fp32 (``norm`` saves ``x`` for its backward, the in-place division
+  then bumps its version); under the CUDA autocast the reference trains with, ``norm`` runs on an fp32 cast copy of
+  the fp16 ``x``, so the error never shows. During the step ``Tensor.norm`` runs on a copy of its input
+  (``norm_of_a_copy``): the same values and the same gradients, as autocast's cast gives on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
 import time
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -138,6 +144,21 @@ class Recorder:
         setattr(owner, name, wrapped)
 
 
+@contextlib.contextmanager
+def norm_of_a_copy() -> Iterator[None]:
+    """Makes ``Tensor.norm`` save a copy of its input for backward, so the reference's in-place ``/=`` is legal."""
+    original = torch.Tensor.norm
+
+    def norm(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return original(self.clone() if torch.is_grad_enabled() and self.requires_grad else self, *args, **kwargs)
+
+    torch.Tensor.norm = norm  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.norm = original  # type: ignore[method-assign]
+
+
 def detach(x):
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
@@ -215,8 +236,10 @@ def main() -> None:
         mask[..., args.image_size // 4: args.image_size // 2, args.image_size // 3: 2 * args.image_size // 3] = 1
         model.train()
         started = time.perf_counter()
-        loss = trainer_cls.train_one_batch(state, {"img": images[:1], "cls_name": [args.class_name],
-                                                   "img_mask": mask.clone(), "anomaly": torch.tensor([1])})
+        with norm_of_a_copy():
+            loss = trainer_cls.train_one_batch(state, {"img": images[:1], "cls_name": [args.class_name],
+                                                       "img_mask": mask.clone(),
+                                                       "anomaly": torch.tensor([1])})
         record["train_seconds"] = time.perf_counter() - started
         record["train_mask"] = mask[0, 0]
         record["train_loss"] = loss.detach().clone()

@@ -22,8 +22,11 @@ random weights saved in the authors' layout (``<OUT>_adapters.pth``), ``encode_t
 image-score normalisation of its metric section, and one step of train.py's loop (focal + Dice per layer, Adam
 lr 1e-3, betas (0.5, 0.999)) on the first two images with synthetic masks.
 
-Two shims, both outside the computation: Pillow >= 11 rejects the reference's ``Image.fromarray(float zeros,
-mode='L')`` (the empty mask of a normal image; cast to uint8 for the call), and the reference's
+Three shims, all outside the computation: train.py normalises the adapted tokens in place (``x /= x.norm(...)``),
+which autograd rejects in fp32 (under the CUDA autocast the reference trains with, ``norm`` runs on an fp32 cast copy),
+so during the training step ``Tensor.norm`` runs on a copy of its input (same values, same gradients); Pillow >= 11
+rejects the reference's ``Image.fromarray(float zeros, mode='L')`` (the empty mask of a normal image; cast to uint8
+for the call), and the reference's
 ``VisionTransformer.forward`` builds an attention summary it never uses with ``.to('cuda')`` (mapped to the CPU on a
 machine without CUDA).
 """
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 
 MODEL = "ViT-L-14-336"
-IMAGE_SIZE = 518
+IMAGE_SIZE = 518  # test_zero_shot.sh / train.sh (--image-size changes it for a quicker check)
 LAYERS = [6, 12, 18, 24]
 CATEGORY = "metal_nut"  # an underscore in the class word, as in MVTec AD
 
@@ -116,6 +119,14 @@ def cuda_to_cpu() -> Iterator[None]:
         torch.Tensor.to = original  # type: ignore[method-assign]
 
 
+def norm_of_a_copy():  # noqa: ANN201
+    """The AdaCLIP driver's shim: ``Tensor.norm`` saves a copy, so train.py's in-place ``/=`` is legal in fp32."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ref_adaclip import norm_of_a_copy as shim  # type: ignore[import-not-found]
+
+    return shim()
+
+
 def write_folder(root: Path, normals: np.ndarray) -> None:
     """Writes an MVTec-style folder with meta.json whose train split holds ``normals`` (for few_shot.memory)."""
     from PIL import Image
@@ -146,6 +157,7 @@ def run(args: argparse.Namespace) -> None:
     if not open_clip.__file__.startswith(str(Path(args.ref_root).resolve())):
         raise SystemExit(f"imported {open_clip.__file__}, not the reference's open_clip under {args.ref_root}")
     started = time.time()
+    size = args.image_size
     weights = str(Path(args.weights).resolve())
     original_loader = open_clip.factory.load_openai_model
     open_clip.factory.load_openai_model = lambda name, **kw: original_loader(weights, **kw)
@@ -155,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
     np.random.seed(args.seed)
     random.seed(args.seed)
     device = "cpu"
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, IMAGE_SIZE, pretrained="openai")
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, size, pretrained="openai")
     model.to(device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(MODEL)
@@ -167,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
     adapters_path = Path(args.out).with_name(Path(args.out).stem + "_adapters.pth")
     torch.save({"trainable_linearlayer": linearlayer.state_dict()}, adapters_path)
     linearlayer.load_state_dict(torch.load(adapters_path)["trainable_linearlayer"])
-    transform = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.CenterCrop(IMAGE_SIZE),
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.CenterCrop(size),
                                     transforms.ToTensor()])
 
     raw = synthetic_images(args.images + args.normals, args.seed)
@@ -218,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
                     B, L, C = anomaly_map.shape
                     H = int(np.sqrt(L))
                     anomaly_map = F.interpolate(anomaly_map.permute(0, 2, 1).view(B, 2, H, H),
-                                                size=IMAGE_SIZE, mode="bilinear", align_corners=True)
+                                                size=size, mode="bilinear", align_corners=True)
                     anomaly_map = torch.softmax(anomaly_map, dim=1)[:, 1, :, :]
                     anomaly_maps.append(anomaly_map.cpu().numpy())
                 anomaly_map = np.sum(anomaly_maps, axis=0)
@@ -233,7 +245,7 @@ def run(args: argparse.Namespace) -> None:
                     height = int(np.sqrt(cos.shape[1]))
                     anomaly_map_few_shot = np.min((1 - cos), 0).reshape(1, 1, height, height)
                     anomaly_map_few_shot = F.interpolate(torch.tensor(anomaly_map_few_shot),
-                                                         size=IMAGE_SIZE, mode="bilinear", align_corners=True)
+                                                         size=size, mode="bilinear", align_corners=True)
                     anomaly_maps_few_shot.append(anomaly_map_few_shot[0].cpu().numpy())
                 anomaly_map_few_shot = np.sum(anomaly_maps_few_shot, axis=0)
                 out["fs_layer_maps"].append(torch.from_numpy(np.concatenate(anomaly_maps_few_shot)))
@@ -253,14 +265,15 @@ def run(args: argparse.Namespace) -> None:
         })
 
         # one step of train.py's loop on the first two images (batch 2), masks given at 518 px
-        masks = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
-        masks[1, 0, 150:300, 200:380] = 1.0
-        masks[0, 0, 400:470, 30:90] = 1.0
+        masks = torch.zeros(2, 1, size, size)
+        at = [round(v * size / IMAGE_SIZE) for v in (150, 300, 200, 380, 400, 470, 30, 90)]  # 518 px boxes, scaled
+        masks[1, 0, at[0]:at[1], at[2]:at[3]] = 1.0
+        masks[0, 0, at[4]:at[5], at[6]:at[7]] = 1.0
         optimizer = torch.optim.Adam(list(linearlayer.parameters()), lr=1e-3, betas=(0.5, 0.999))
         loss_focal, loss_dice = FocalLoss(), BinaryDiceLoss()
         train_image = image[:2].to(device)
         cls_name = [CATEGORY, CATEGORY]
-        with torch.cuda.amp.autocast():
+        with torch.cuda.amp.autocast(), norm_of_a_copy():
             with torch.no_grad():
                 image_features, patch_tokens = model.encode_image(train_image, LAYERS)
                 text_features = torch.stack([text_prompts[cls] for cls in cls_name], dim=0)
@@ -272,7 +285,7 @@ def run(args: argparse.Namespace) -> None:
                 B, L, C = anomaly_map.shape
                 H = int(np.sqrt(L))
                 anomaly_map = F.interpolate(anomaly_map.permute(0, 2, 1).view(B, 2, H, H),
-                                            size=IMAGE_SIZE, mode="bilinear", align_corners=True)
+                                            size=size, mode="bilinear", align_corners=True)
                 anomaly_maps.append(torch.softmax(anomaly_map, dim=1))
         gt = masks.squeeze().to(device)
         gt[gt > 0.5], gt[gt <= 0.5] = 1, 0
@@ -284,7 +297,8 @@ def run(args: argparse.Namespace) -> None:
             loss += focal_terms[-1]
             loss += dice_terms[-1]
         optimizer.zero_grad()
-        loss.backward()
+        with norm_of_a_copy():
+            loss.backward()
         grads = {k: p.grad.detach().clone() for k, p in linearlayer.named_parameters()}
         optimizer.step()
         record["train"] = {"masks": masks[:, 0].clone(), "loss": loss.detach(),
@@ -310,6 +324,8 @@ def main() -> None:
     run_parser.add_argument("--images", type=int, default=3, help="test images (>= 3: the min-max has an inside)")
     run_parser.add_argument("--normals", type=int, default=3, help="normal train images the shots are drawn from")
     run_parser.add_argument("--shots", type=int, default=1)
+    run_parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                            help="the reference's scripts' 518 px by default; a smaller size for busy CPUs")
     run_parser.add_argument("--seed", type=int, default=42)
     run_parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     args = parser.parse_args()
