@@ -16,13 +16,12 @@ alternate so that load from other processes hits all alike; medians are reported
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from clip_bench import clip_arguments, print_rates, random_weights, timed
+from clip_bench import clip_arguments, compare_rates, random_weights
 
 CLASS_NAME = "metal_nut"
 
@@ -90,16 +89,8 @@ def main() -> None:
 
             runners["plain vision forward only"] = backbone
         del state
-        load_before = os.getloadavg()[0]
-        times = timed(runners, args.repeats)
-        load_after = os.getloadavg()[0]
-    print(f"AdaCLIP, {args.model} @ {args.image_size}px, random weights, batch {args.images}, {args.threads} "
-          f"threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> {load_after:.2f})")
-    rates = print_rates("inference", times, args.images)
-    baseline = "caoyunkang/AdaCLIP" if args.ref_root else "plain vision forward only"
-    target = " (target >= 1.0)" if args.ref_root else ""
-    print(f"  ratio zsadbench / {baseline} images/s = {rates['zsadbench'] / rates[baseline]:.2f}{target}")
-
+        baseline = "caoyunkang/AdaCLIP" if args.ref_root else "plain vision forward only"
+        compare_rates("AdaCLIP", args, runners, baseline)
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from clip_bench import clip_arguments, print_rates, random_weights, timed
+from clip_bench import clip_arguments, compare_rates, random_weights
 
 CLASS_NAME = "bottle"
 
@@ -92,16 +92,8 @@ def main() -> None:
                     return forward_vision(detector.clip.visual, images, (6, 12, 18, 24))
 
             runners["plain vision forward only"] = backbone
-        load_before = os.getloadavg()[0]
-        times = timed(runners, args.repeats)
-        load_after = os.getloadavg()[0]
-    print(f"Bayes-PFL, {args.model} @ {args.image_size}px, random weights, batch {args.images}, {args.threads} "
-          f"threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> {load_after:.2f})")
-    rates = print_rates("inference", times, args.images)
-    baseline = "xiaozhen228/Bayes-PFL" if args.ref_root else "plain vision forward only"
-    target = " (target >= 1.0)" if args.ref_root else ""
-    print(f"  ratio zsadbench / {baseline} images/s = {rates['zsadbench'] / rates[baseline]:.2f}{target}")
-
+        baseline = "xiaozhen228/Bayes-PFL" if args.ref_root else "plain vision forward only"
+        compare_rates("Bayes-PFL", args, runners, baseline)
 
 if __name__ == "__main__":
     main()

@@ -17,13 +17,12 @@ load average.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from clip_bench import clip_arguments, print_rates, random_weights, timed
+from clip_bench import clip_arguments, compare_rates, random_weights
 
 
 def main() -> None:
@@ -83,16 +82,8 @@ def main() -> None:
 
             runners["plain vision forward only"] = backbone
         del state
-        load_before = os.getloadavg()[0]
-        times = timed(runners, args.repeats)
-        load_after = os.getloadavg()[0]
-    print(f"VCP-CLIP, {args.model} @ {args.image_size}px, random weights, batch {args.images}, {args.threads} "
-          f"threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> {load_after:.2f})")
-    rates = print_rates("inference", times, args.images)
-    baseline = "xiaozhen228/VCP-CLIP" if args.ref_root else "plain vision forward only"
-    target = " (target >= 1.0)" if args.ref_root else ""
-    print(f"  ratio zsadbench / {baseline} images/s = {rates['zsadbench'] / rates[baseline]:.2f}{target}")
-
+        baseline = "xiaozhen228/VCP-CLIP" if args.ref_root else "plain vision forward only"
+        compare_rates("VCP-CLIP", args, runners, baseline)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -64,6 +65,19 @@ def print_rates(kind: str, times: dict[str, list[float]], images: int) -> dict[s
         print(f"  {kind} {name:{width}s} median {median:7.2f} s/batch  {rates[name]:6.3f} images/s"
               f"  (all: {', '.join(f'{v:.1f}' for v in values)})")
     return rates
+
+
+def compare_rates(method: str, args: argparse.Namespace, runners: dict[str, Callable[[], object]],
+                  baseline: str) -> None:
+    """Times the runners alternately, prints their rates and the ratio of ``runners["zsadbench"]`` to ``baseline``."""
+    load_before = os.getloadavg()[0]
+    times = timed(runners, args.repeats)
+    load_after = os.getloadavg()[0]
+    print(f"{method}, {args.model} @ {args.image_size}px, random weights, batch {args.images}, {args.threads} "
+          f"threads, {args.repeats} timed runs each (1-min load average {load_before:.2f} -> {load_after:.2f})")
+    rates = print_rates("inference", times, args.images)
+    target = " (target >= 1.0)" if args.ref_root else ""
+    print(f"  ratio zsadbench / {baseline} images/s = {rates['zsadbench'] / rates[baseline]:.2f}{target}")
 
 
 PARITY_DRIVERS = Path(__file__).resolve().parent.parent / "tests" / "parity"  # the project's reference-side code
