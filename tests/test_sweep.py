@@ -213,6 +213,14 @@ def test_grid_on_ray_survives_a_killed_worker_and_reports_a_failing_cell(
     assert parent.data.params["tracking_uri"] == with_password.replace("sweeper:s3cret", "***")
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def evaluation_folder(results: Path, run_id: str) -> Path:
     return results / "runs" / run_id
 
@@ -244,9 +252,20 @@ def test_interrupted_sweep_resumes_without_recomputing(local_ray: str, mlflow_se
     output, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, output
     assert "resume with the same command" in output
+    # the driver is gone, and so are the workers that ran its unfinished cells (a cell may finish meanwhile)
+    running = [json.loads(p.read_text())["pid"] for p in cells.glob("*.json")
+               if json.loads(p.read_text())["status"] == "running"]
+    deadline = time.time() + 60
+    while time.time() < deadline and any(alive(pid) for pid in running):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in running), running
     before = {p.stem: json.loads(p.read_text()) for p in cells.glob("*.json")}
     done_before = {k: r for k, r in before.items() if r["status"] == "done"}
     assert 2 <= len(done_before) < 6
+    assert not [r for r in before.values() if r["status"] == "failed"], before  # stopped cells are not failures
+    # a job may have finished between the interrupt and its worker's end without its cell saying so
+    complete_before = {name: job.run_id for (_, name), (job, status) in sweep.finished_jobs().items()
+                       if status == "complete"}
     mtimes = {k: (isolated_results / "runs" / r["run_id"] / "results.json").stat().st_mtime_ns
               for k, r in done_before.items()}
     # the leaderboard of what is finished, written while the sweep is not done
@@ -254,11 +273,12 @@ def test_interrupted_sweep_resumes_without_recomputing(local_ray: str, mlflow_se
 
     assert main(["sweep", str(path), "--leaderboard", "--tracking-uri", mlflow_server]) == 0
     board = (spec.folder / "leaderboard" / "leaderboard.md").read_text()
-    assert "WinCLIP" in board and any(r["run_id"] in board for r in done_before.values())
+    assert "WinCLIP" in board and any(run_id in board for run_id in complete_before.values())
     outcome = sweep.execute(spec, ray_address=local_ray, tracking_uri=mlflow_server, progress=False)
     grid = outcome.grid
     assert set(grid.status.values()) == {"done"} and len(grid.cells) == 6
-    assert grid.skipped == set(done_before)  # nothing finished was submitted again
+    assert grid.skipped == {c.key for c in grid.cells if c.run_name in complete_before}  # nor submitted again
+    assert set(done_before) <= grid.skipped
     for key, record in done_before.items():
         assert grid.run_ids[key] == record["run_id"]
         after = (isolated_results / "runs" / record["run_id"] / "results.json").stat().st_mtime_ns

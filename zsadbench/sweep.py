@@ -624,8 +624,11 @@ def execute_cell(cell: dict[str, Any], checkpoint: Any, settings: dict[str, Any]
             means = json.loads(folder.results.read_text()).get("mean", {})
             result["means"] = {k: v for k, v in means.items() if k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
         _tag_run(folder.run_id, cell["key"], settings)
-    except BaseException as exc:
+    except Exception as exc:
         record.update(status="failed", error=_error_line(exc), finished=time.time())
+        raise
+    except BaseException as exc:  # the worker is being stopped (the sweep was interrupted): not the cell's failure
+        record.update(status="queued", error=f"stopped: {_error_line(exc)}", finished=time.time())
         raise
     result["seconds"] = time.time() - started
     record.update(status="done", run_id=result["run_id"], finished=time.time(), seconds=result["seconds"],
@@ -1080,8 +1083,12 @@ def _run_on_ray(spec: SweepSpec, cells: list[Cell], grid: Grid, parent: ParentRu
                                     f"queued {counts['queued']} ETA {'?' if eta is None else _duration(eta)}")
                 parent.publish(grid, every=publish_every)
         except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            # Leaving Ray ends this job's running tasks (Ray kills the workers of a driver that is gone). Cancelling
+            # them one by one races with tasks finishing at that moment and can crash Ray's core worker (a known
+            # Ray bug, "Tried to complete task that was not pending"), so only a Ray the caller keeps is told to.
+            if not owned_ray:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
             bar.write(f"interrupted: resume with the same command (finished cells are kept): {grid.summary()}")
             raise
         finally:
