@@ -119,3 +119,8 @@ def test_list_commands(capsys, test_methods) -> None:
     described = capsys.readouterr().out
     assert "temperature" in described and "0.07" in described and "reference temperature" in described
     assert "preset smoke: model=tiny-ViT-B-16-plus-240" in described
+    assert main(["methods", "bayes_pfl"]) == 0  # its own training recipe, not the shared TrainConfig's defaults
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("train.")}
+    assert (rows["train.epochs"], rows["train.batch_size"], rows["train.lr"], rows["train.seed"]) == (
+        "30", "32", "0.0001", "333")

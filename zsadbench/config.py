@@ -144,19 +144,20 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 
-def describe_options(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+def describe_options(cls: type, prefix: str = "", default: Any = None) -> list[tuple[str, Any, str]]:
     """Returns (dotted name, default, meaning) of every option of config dataclass ``cls``, groups flattened.
 
     The meaning is the field's comment in the source (on its line, or the comment lines right above it), so that
-    the config's own comments are the documentation `zsadbench methods NAME` prints.
+    the config's own comments are the documentation `zsadbench methods NAME` prints. A group's defaults are those
+    its parent gives it (a method's own ``train`` recipe), not the group class's.
     """
     comments = _field_comments(cls)
     out: list[tuple[str, Any, str]] = []
-    default = cls()
+    default = cls() if default is None else default
     for f in dataclasses.fields(default):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            out += describe_options(type(value), f"{prefix}{f.name}.")
+            out += describe_options(type(value), f"{prefix}{f.name}.", value)
         else:
             out.append((prefix + f.name, list(value) if isinstance(value, tuple) else value, comments.get(f.name, "")))
     return out
