@@ -52,6 +52,7 @@ from zsadbench.clip.windows import (
     window_indices,
 )
 from zsadbench.detector import Detector, FewShot
+from zsadbench.feature_cache import clip_backbone_description, frozen_stage, transform_description
 from zsadbench.registry import register_method
 from zsadbench.transforms import ClipTransform
 from zsadbench.types import Prediction
@@ -164,10 +165,21 @@ class WinClip(Detector, FewShot):
         return self.text_cache.get(word, compute)
 
     # ---- 2. visual: image and window embeddings ----------------------------------------------------------------------
+    @frozen_stage("windows", lambda self: {
+        "backbone": clip_backbone_description(self.backbone, self.clip.visual),
+        "preprocessing": transform_description(self._transform), "scales": list(self.config.scales),
+        "outputs": "ln_post(CLS) @ proj of the image and of each window; ln_post'd final patch tokens"})
     @torch.no_grad()
+    def frozen_windows(self, images: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Returns the image embeddings, the window embeddings per scale and the patch tokens: the frozen stage."""
+        out = encode_windows(self.clip.visual, images.to(self.device, torch.float32), self.windows, patch_tokens=True)
+        assert out.patch_tokens is not None
+        return out.image, out.windows, out.patch_tokens
+
     def encode(self, images: Tensor, patch_tokens: bool = False) -> WindowEmbeddings:
         """Returns the full-image embeddings, the window embeddings per scale and (optionally) the patch tokens."""
-        return encode_windows(self.clip.visual, images.to(self.device, torch.float32), self.windows, patch_tokens)
+        image, windows, patches = self.frozen_windows(images)  # the patch tokens cost one LayerNorm: always kept
+        return WindowEmbeddings(image, list(windows), patches if patch_tokens else None)
 
     # ---- 4. few-shot memory ------------------------------------------------------------------------------------------
     @torch.no_grad()

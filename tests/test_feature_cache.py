@@ -305,7 +305,36 @@ def test_which_methods_declare_a_frozen_stage() -> None:
     from zsadbench.methods.winclip import WinClip
 
     assert has_frozen_stages(AnomalyCLIP) and has_frozen_stages(AdaptCLIP) and has_frozen_stages(AprilGAN)
-    assert not has_frozen_stages(WinClip) and not has_frozen_stages(HeadCLIP)
+    assert has_frozen_stages(WinClip) and not has_frozen_stages(HeadCLIP)
+
+
+def test_winclip_windows_are_cached_exactly_for_zero_and_few_shot(tmp_path: Path) -> None:
+    from zsadbench.methods.winclip import WinClip
+
+    options = {"model": "tiny-ViT-B-16-plus-240", "pretrained": "random", "image_size": 80}
+    batch, shots = images(4, size=80, seed=3), images(2, size=80, seed=4)
+    plain_zero = WinClip(**options)
+    plain = plain_zero.predict(batch, "object")
+    plain_few = WinClip(**options, shots=2)
+    plain_few.set_reference(shots, "object")
+    expected_few = plain_few.predict(batch[[2, 0]], "object")
+    cache = FeatureCache(tmp_path / "cache")
+    zero = WinClip(**options)
+    assert use_feature_cache(zero, cache)
+    first = zero.predict(batch, "object")
+    assert (cache.stats.hits, cache.stats.misses) == (0, 4)
+    few = WinClip(**options, shots=2)  # the few-shot run reads the test images the zero-shot run stored
+    use_feature_cache(few, cache)
+    few.set_reference(shots, "object")
+    again = few.predict(batch[[2, 0]], "object")  # another batch of the same images
+    assert (cache.stats.hits, cache.stats.misses) == (2, 6)
+    assert torch.equal(first.image_scores, plain.image_scores) and torch.equal(first.anomaly_maps, plain.anomaly_maps)
+    for i in range(4):  # a stored image read alone equals the image computed alone
+        alone = zero.predict(batch[[i]], "object")
+        assert torch.equal(alone.image_scores, plain_zero.predict(batch[[i]], "object").image_scores), i
+    assert torch.equal(again.image_scores, expected_few.image_scores)
+    assert torch.equal(again.anomaly_maps, expected_few.anomaly_maps)
+    assert not torch.equal(again.anomaly_maps, plain.anomaly_maps[[2, 0]])  # the few-shot branch did contribute
 
 
 @pytest.mark.parametrize("model", ["tiny-ViT-L-14-336", "tiny-dinov2_vitl14"])

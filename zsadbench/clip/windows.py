@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from zsadbench.clip.backbone import VisionTower
-from zsadbench.clip.vision import embed_patches, forward_packed, project_tokens
+from zsadbench.clip.vision import embed_patches, forward_packed, project_each, project_tokens
 
 
 def window_indices(grid: tuple[int, int], kernel: int, stride: int = 1) -> Tensor:
@@ -80,7 +80,9 @@ def encode_windows(visual: VisionTower, images: Tensor, windows: Sequence[Tensor
         groups.append(((starts + index).reshape(-1, index.shape[1]), False))
     outputs = forward_packed(visual, pool, groups)
     full = outputs[0]
-    image = project_tokens(visual, full[:, 0])
-    per_window = [project_tokens(visual, out[:, 0]).reshape(batch, -1, image.shape[-1]) for out in outputs[1:]]
+    # projected one image at a time: the same bits whatever batch an image came in (zsadbench.feature_cache)
+    image = project_each(visual, full[:, 0])
+    per_window = [torch.stack([project_tokens(visual, cls) for cls in out[:, 0].reshape(batch, -1, dim)])
+                  for out in outputs[1:]]
     patches = visual.ln_post(full[:, 1:]) if patch_tokens else None
     return WindowEmbeddings(image, per_window, patches)
