@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-# bank columns of one product on a CPU: wide enough to run at the matmul peak, small enough to stay in cache
-BLOCK_COLUMNS_CPU = 8192
+# one product block: on a CPU about 8 MiB (1024 x 2048), which stays in cache while it is reduced (an 8192 x 8192
+# block ran 1.3x slower than this on 2 cores: benchmarks/bench_anomalydino.py); on CUDA as wide as the budget allows
+BLOCK_COLUMNS_CPU = 2048
+BLOCK_BYTES_CPU = 8 * 2**20
 BLOCK_COLUMNS_CUDA = 65536
 
 
@@ -51,6 +53,8 @@ def largest_products(queries: Tensor, bank: Tensor, k: int = 1, *, bank_bias: Te
     columns = min(n_bank, max(k, target))
     # rows so that one (rows, columns) product, its top-k and the running best (2 x rows x k) fit the budget
     rows = int(budget // (4 * (columns + 3 * k) + (columns if query_groups is not None else 0)))
+    if device.type != "cuda":
+        rows = min(rows, BLOCK_BYTES_CPU // (4 * columns))
     rows = max(1, min(n_queries, rows))
     if rows == 1 and 4 * (columns + 3 * k) > budget:
         log.warning("patch kNN: one query row needs %.0f MiB; the budget is %.0f MiB (running anyway)",
