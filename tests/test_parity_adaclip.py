@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adam_step import settled_elements
 from PIL import Image
 
 pytestmark = pytest.mark.parity
@@ -145,14 +146,17 @@ def test_adaclip_training_step_matches_the_reference(recording: dict) -> None:
     figures["grad_max_rel"] = max(grads.values())
     figures["grad_max_abs"] = max(max_abs(named[k].grad, ref["train_grads"][k]) for k in with_grad)
     figures["params_after_max_abs"] = max(max_abs(p.detach(), ref["train_params_after"][k]) for k, p in named.items())
-    # AdamW's first step is ±lr·g/(|g| + eps) (plus the decay): an element whose gradient is float noise on both sides
-    # may step the other way (up to 2·lr apart); compare where the gradient stands clear of the noise
-    clear = {k: ref["train_grads"][k].abs() > 1e-3 * ref["train_grads"][k].abs().max() for k in with_grad}
-    figures["params_after_clear_grad_max_abs"] = max(
-        (named[k].detach() - ref["train_params_after"][k])[clear[k]].abs().max().item() for k in with_grad)
+    # AdamW's first step is ±lr·g/(|g| + eps): compare where the measured gradient error cannot move it (adam_step)
+    group = optimizer.param_groups[0]
+    settled = {k: settled_elements(ref["train_grads"][k], figures["grad_max_abs"], group["lr"], group["eps"])
+               for k in with_grad}
+    figures["params_after_settled_max_abs"] = max(
+        (named[k].detach() - ref["train_params_after"][k])[settled[k]].abs().max().item() for k in with_grad
+        if settled[k].any())
+    figures["settled_fraction"] = sum(int(m.sum()) for m in settled.values()) / sum(m.numel() for m in settled.values())
     print("\nadaclip training-step parity " + json.dumps(figures))
     print("worst gradients " + json.dumps(sorted(grads.items(), key=lambda kv: -kv[1])[:3]))
     assert figures["loss_rel"] < 1e-5
     assert figures["grad_max_rel"] < 1e-3, sorted(grads.items(), key=lambda kv: -kv[1])[:3]
-    assert figures["params_after_clear_grad_max_abs"] < 1e-5  # measured 1.5e-6 (224 px)
+    assert figures["settled_fraction"] > 0.5 and figures["params_after_settled_max_abs"] < 1e-5
     assert figures["params_after_max_abs"] <= 2 * model.config.train.lr + 1e-6

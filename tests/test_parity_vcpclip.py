@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adam_step import settled_elements
 from PIL import Image
 
 pytestmark = pytest.mark.parity
@@ -151,6 +152,14 @@ def test_vcpclip_training_step_matches_the_reference(recording: dict) -> None:
     figures["grad_max_abs"] = max(max_abs(named[k].grad, ref["train_grads"][k]) for k in with_grad)
     figures["grad_largest"] = scale
     figures["params_after_max_abs"] = max(max_abs(p.detach(), ref["train_params_after"][k]) for k, p in named.items())
+    # Adam's first step is ±lr·g/(|g| + eps): where the measured gradient error cannot move it (adam_step)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    settled = {k: settled_elements(ref["train_grads"][k], figures["grad_max_abs"], group_of[id(named[k])]["lr"],
+                                   group_of[id(named[k])]["eps"]) for k in with_grad}
+    figures["params_after_settled_max_abs"] = max(
+        (named[k].detach() - ref["train_params_after"][k])[settled[k]].abs().max().item() for k in with_grad
+        if settled[k].any())
+    figures["settled_fraction"] = sum(int(m.sum()) for m in settled.values()) / sum(m.numel() for m in settled.values())
     print("\nvcpclip training-step parity " + json.dumps(figures))
     print("worst gradients " + json.dumps(sorted(grads.items(), key=lambda kv: -kv[1])[:3]))
     print("noise-level gradients (max |g| in the reference, max abs difference) " + json.dumps(
@@ -159,3 +168,4 @@ def test_vcpclip_training_step_matches_the_reference(recording: dict) -> None:
     assert figures["grad_max_rel"] < 1e-3, sorted(grads.items(), key=lambda kv: -kv[1])[:3]
     assert figures["grad_max_abs"] < 1e-4 * scale
     assert figures["params_after_max_abs"] < 1e-4
+    assert figures["settled_fraction"] > 0.5 and figures["params_after_settled_max_abs"] < 1e-5
