@@ -35,7 +35,7 @@ def weights_file(model: str, given: str | None) -> Iterator[Path]:
     if given:
         yield Path(given).resolve()
         return
-    with random_weights(model) as (state, path):
+    with random_weights(model, fp16_grid=True) as (state, path):  # the reference's loader rounds them to float16
         del state
         yield path
 

@@ -40,9 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no checkpoint")  # untrained parts are fine for timing
     warnings.filterwarnings("ignore", message=".*ACTIVATION MISMATCH")
-    with random_weights(args.model) as (state, weights):
-        if args.ref_root:  # the reference's loader rounds the weights to float16: hand both sides the rounded ones
-            torch.save({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}, weights)
+    with random_weights(args.model, fp16_grid=True) as (state, weights):  # the reference's loader rounds them
         detector = zsadbench.load_method("vcpclip", model=args.model, pretrained=str(weights),
                                          image_size=args.image_size)
         pil = synthetic_images(args.images, seed=0, anomalous=(0,))

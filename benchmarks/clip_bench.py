@@ -29,13 +29,19 @@ def clip_arguments(description: str) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def random_weights(model: str) -> Iterator[tuple[dict, Path]]:
-    """Yields (state dict, file holding it) of seeded random ``model`` weights; the file lives inside the block."""
+def random_weights(model: str, fp16_grid: bool = False) -> Iterator[tuple[dict, Path]]:
+    """Yields (state dict, file holding it) of seeded random ``model`` weights; the file lives inside the block.
+
+    ``fp16_grid`` rounds them to float16 values: the references whose loaders round the weights to float16
+    (xiaozhen228's Bayes-PFL and VCP-CLIP) then compute with the same weights as zsadbench.
+    """
     import torch
 
     from zsadbench.clip.backbone import load_clip
 
     state = {k: v.detach().clone() for k, v in load_clip(model, "random", seed=0).model.state_dict().items()}
+    if fp16_grid:
+        state = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "random.pt"
         torch.save(state, path)
