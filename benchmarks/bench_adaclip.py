@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from clip_bench import clip_arguments, compare_rates, random_weights
+from clip_bench import clip_arguments, compare_rates, print_agreement, random_weights, vision_forward
 
 CLASS_NAME = "metal_nut"
 
@@ -66,7 +66,6 @@ def main() -> None:
 
     import zsadbench
     from zsadbench.clip.testing import synthetic_images
-    from zsadbench.clip.vision import forward_vision
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no checkpoint")  # untrained prompts are fine for timing
@@ -80,14 +79,9 @@ def main() -> None:
             ref = reference(args.ref_root, weights, detector.reference_state_dict(), args.image_size)
             runners["caoyunkang/AdaCLIP"] = lambda: ref(images)
             ours, theirs = detector.predict(images, CLASS_NAME), ref(images)
-            print(f"  (outputs agree: scores {(ours.image_scores - theirs[0]).abs().max():.1e}, maps "
-                  f"{(ours.anomaly_maps - theirs[1]).abs().max():.1e} max abs)")
+            print_agreement(ours, theirs)
         else:
-            def backbone() -> object:
-                with torch.no_grad():
-                    return forward_vision(detector.clip.visual, images, (6, 12, 18, 24))
-
-            runners["plain vision forward only"] = backbone
+            runners["plain vision forward only"] = vision_forward(detector.clip.visual, images)
         del state
         baseline = "caoyunkang/AdaCLIP" if args.ref_root else "plain vision forward only"
         compare_rates("AdaCLIP", args, runners, baseline)

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from clip_bench import clip_arguments, compare_rates, random_weights
+from clip_bench import clip_arguments, compare_rates, print_agreement, random_weights, vision_forward
 
 
 def main() -> None:
@@ -35,7 +35,6 @@ def main() -> None:
 
     import zsadbench
     from zsadbench.clip.testing import synthetic_images
-    from zsadbench.clip.vision import forward_vision
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no checkpoint")  # untrained parts are fine for timing
@@ -71,14 +70,9 @@ def main() -> None:
 
             runners["xiaozhen228/VCP-CLIP"] = ref
             ours, theirs = detector.predict(images, "object"), ref()
-            print(f"  (outputs agree: scores {(ours.image_scores - theirs[0]).abs().max():.1e}, maps "
-                  f"{(ours.anomaly_maps - theirs[1]).abs().max():.1e} max abs)")
+            print_agreement(ours, theirs)
         else:
-            def backbone() -> object:
-                with torch.no_grad():
-                    return forward_vision(detector.clip.visual, images, (6, 12, 18, 24))
-
-            runners["plain vision forward only"] = backbone
+            runners["plain vision forward only"] = vision_forward(detector.clip.visual, images)
         del state
         baseline = "xiaozhen228/VCP-CLIP" if args.ref_root else "plain vision forward only"
         compare_rates("VCP-CLIP", args, runners, baseline)

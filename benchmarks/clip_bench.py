@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def clip_arguments(description: str) -> argparse.ArgumentParser:
@@ -87,6 +88,25 @@ def compare_rates(method: str, args: argparse.Namespace, runners: dict[str, Call
 
 
 PARITY_DRIVERS = Path(__file__).resolve().parent.parent / "tests" / "parity"  # the project's reference-side code
+
+
+def print_agreement(ours: Any, theirs: tuple[Any, Any]) -> None:
+    """Prints the max abs differences of a zsadbench ``Prediction`` and the reference's (scores, maps)."""
+    print(f"  (outputs agree: scores {(ours.image_scores - theirs[0]).abs().max():.1e}, maps "
+          f"{(ours.anomaly_maps - theirs[1]).abs().max():.1e} max abs)")
+
+
+def vision_forward(visual: object, images: object, taps: tuple[int, ...] = (6, 12, 18, 24)) -> Callable[[], object]:
+    """Returns the baseline runner without a reference: the plain vision forward with the method's taps."""
+    import torch
+
+    from zsadbench.clip.vision import forward_vision
+
+    def run() -> object:
+        with torch.no_grad():
+            return forward_vision(visual, images, taps)
+
+    return run
 
 
 def install_reference_shims() -> None:
